@@ -1,0 +1,3 @@
+"""modelfleet: serve open-weight language models on Kubernetes."""
+
+__version__ = "0.1.0"

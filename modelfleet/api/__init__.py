@@ -1,0 +1,58 @@
+"""The ModelDeployment API: the typed spec, defaults, validation and the CRD built from them."""
+
+from modelfleet.api.manifest import (
+    ManifestError,
+    ModelDeployment,
+    ObjectMeta,
+    Problem,
+    load_manifest,
+    parse_manifest,
+    read_document,
+    validation_problems,
+)
+from modelfleet.api.spec import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    AutoscalingSpec,
+    EngineSpec,
+    GPUSpec,
+    ModelDeploymentSpec,
+    ModelSource,
+    PlacementSpec,
+    ResourcesSpec,
+    SecretKeyRef,
+    ServiceSpec,
+    Toleration,
+)
+from modelfleet.api.status import Condition, ModelDeploymentStatus
+
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "VERSION",
+    "AutoscalingSpec",
+    "Condition",
+    "EngineSpec",
+    "GPUSpec",
+    "ManifestError",
+    "ModelDeployment",
+    "ModelDeploymentSpec",
+    "ModelDeploymentStatus",
+    "ModelSource",
+    "ObjectMeta",
+    "PlacementSpec",
+    "Problem",
+    "ResourcesSpec",
+    "SecretKeyRef",
+    "ServiceSpec",
+    "Toleration",
+    "load_manifest",
+    "parse_manifest",
+    "read_document",
+    "validation_problems",
+]
