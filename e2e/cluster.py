@@ -1,0 +1,375 @@
+"""A real Kubernetes control plane on 127.0.0.1, with a kwok-simulated GPU fleet.
+
+    python -m e2e.cluster up --dir DIR [--gpu-nodes N] [--gpu-per-node 8]
+                             [--gpu-product NVIDIA-H100-80GB-HBM3] [--cpu-nodes 1]
+    python -m e2e.cluster status --dir DIR
+    python -m e2e.cluster down --dir DIR
+    python -m e2e.cluster bin-dir
+
+`up` starts etcd, kube-apiserver (TLS, RBAC, service-account keys), kube-controller-manager
+and kube-scheduler, plus kwok and its fake nodes when nodes are asked for, writes
+DIR/kubeconfig and returns once all are ready. Every component listens on 127.0.0.1 on
+a free port, so clusters in different folders run side by side. Logs stay in DIR/logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from e2e import build, nodes, pki
+from e2e.waiting import eventually
+
+STATE_FILE = "cluster.json"
+# Stop order: the reverse of start order.
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not start; the message includes the failing component's log tail."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def process_alive(pid: int) -> bool:
+    """True for a live process; a zombie (exited, not yet reaped) counts as dead."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def process_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def https_ok(port: int, path: str = "/healthz") -> bool:
+    """Probe a component's own self-signed health endpoint on loopback."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}{path}", context=context, timeout=2) as r:
+        return r.status == 200 and r.read().strip() == b"ok"
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as r:
+        return r.status == 200 and b"true" in r.read()
+
+
+@dataclass
+class Cluster:
+    """One control plane living in `dir`; its state file lets another process stop it."""
+
+    dir: Path
+    bin_dir: Path = field(default_factory=build.bin_dir)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.dir = Path(self.dir).resolve()
+        self.bin_dir = Path(self.bin_dir)
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.dir / "kubeconfig"
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / STATE_FILE
+
+    def read_state(self) -> dict:
+        if not self.state_path.exists():
+            return {"pids": {}, "ports": {}}
+        return json.loads(self.state_path.read_text())
+
+    def write_state(self, state: dict) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.state_path)
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the built kubectl against this cluster as admin."""
+        cmd = [str(self.bin_dir / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args]
+        done = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
+        if check and done.returncode != 0:
+            raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout, done.stderr)
+        return done
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def start(self, name: str, args: list[str], state: dict) -> None:
+        log = (self.dir / "logs" / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [str(self.bin_dir / name), *args], cwd=self.dir, stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        self.procs[name] = proc
+        state["pids"][name] = proc.pid
+        self.write_state(state)
+
+    def wait_ready(self, name: str, probe, timeout: float = 60) -> None:
+        """Wait for `probe`; fail at once with the log tail if the process died."""
+        def ready() -> bool:
+            proc = self.procs[name]
+            if proc.poll() is not None:
+                raise ClusterError(f"{name} exited with {proc.returncode}\n{self.log_tail(name)}")
+            return probe()
+
+        try:
+            eventually(ready, timeout=timeout, interval=0.3)
+        except AssertionError as err:
+            raise ClusterError(f"{name} not ready: {err}\n{self.log_tail(name)}") from None
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.dir / "logs" / f"{name}.log"
+        if not path.exists():
+            return f"(no log at {path})"
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+        return f"--- last lines of {path} ---\n" + "\n".join(text)
+
+    def up(
+        self,
+        gpu_nodes: int = 0,
+        gpu_per_node: int = 8,
+        gpu_product: str = "NVIDIA-H100-80GB-HBM3",
+        cpu_nodes: int | None = None,
+    ) -> float:
+        """Start everything and wait until it is ready; return the seconds it took."""
+        start = time.monotonic()
+        missing = build.missing_binaries() if self.bin_dir == build.bin_dir() else [
+            b for b in build.ALL_BINARIES if not os.access(self.bin_dir / b, os.X_OK)
+        ]
+        if missing:
+            raise ClusterError(
+                f"binaries missing in {self.bin_dir}: {', '.join(missing)}; "
+                "build them with `python -m e2e.build`"
+            )
+        if any(process_alive(pid) for pid in self.read_state()["pids"].values()):
+            raise ClusterError(f"a cluster is already running in {self.dir}; run `down` first")
+        if cpu_nodes is None:
+            cpu_nodes = 1 if gpu_nodes else 0
+        for sub in ("logs", "etcd", "pki", "certs"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        ports = {name: free_port() for name in
+                 ("etcd", "etcd-peer", "kube-apiserver", "kube-controller-manager",
+                  "kube-scheduler", "kwok")}
+        state = {"pids": {}, "ports": ports, "bin_dir": str(self.bin_dir)}
+        self.write_state(state)
+        try:
+            self.start_control_plane(ports, state)
+            if gpu_nodes or cpu_nodes:
+                self.start_fleet(ports, state, gpu_nodes, gpu_per_node, gpu_product, cpu_nodes)
+        except BaseException:
+            self.down()
+            raise
+        state["started_seconds"] = round(time.monotonic() - start, 1)
+        self.write_state(state)
+        return state["started_seconds"]
+
+    def start_control_plane(self, ports: dict[str, int], state: dict) -> None:
+        d, p = self.dir, self.dir / "pki"
+        server = f"https://127.0.0.1:{ports['kube-apiserver']}"
+        configs = pki.make_pki(p, server)
+        self.kubeconfig.write_text(configs["admin"].read_text())
+        self.kubeconfig.chmod(0o600)
+
+        etcd_url = f"http://127.0.0.1:{ports['etcd']}"
+        peer_url = f"http://127.0.0.1:{ports['etcd-peer']}"
+        self.start("etcd", [
+            "--name=e2e", f"--data-dir={d / 'etcd'}",
+            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=e2e={peer_url}", "--unsafe-no-fsync", "--log-level=warn",
+        ], state)
+        self.wait_ready("etcd", lambda: http_ok(f"{etcd_url}/health"))
+
+        self.start("kube-apiserver", [
+            f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--secure-port={ports['kube-apiserver']}", f"--cert-dir={d / 'certs'}",
+            f"--tls-cert-file={p / 'apiserver.crt'}", f"--tls-private-key-file={p / 'apiserver.key'}",
+            f"--client-ca-file={p / 'ca.crt'}",
+            f"--service-cluster-ip-range={pki.SERVICE_CIDR}",
+            "--authorization-mode=Node,RBAC",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={p / 'sa.pub'}",
+            f"--service-account-signing-key-file={p / 'sa.key'}",
+            "--allow-privileged=true",
+            # Loopback may not appear in Endpoints; nothing in-cluster dials the API server here.
+            "--endpoint-reconciler-type=none",
+            "--profiling=false",
+        ], state)
+        self.wait_ready("kube-apiserver", self.apiserver_ready, timeout=120)
+
+        common = ["--leader-elect=false", "--bind-address=127.0.0.1", "--profiling=false"]
+        cm = p / "controller-manager.kubeconfig"
+        self.start("kube-controller-manager", [
+            *common, f"--kubeconfig={cm}", f"--authentication-kubeconfig={cm}",
+            f"--authorization-kubeconfig={cm}",
+            f"--secure-port={ports['kube-controller-manager']}", f"--cert-dir={d / 'certs'}",
+            f"--service-account-private-key-file={p / 'sa.key'}", f"--root-ca-file={p / 'ca.crt'}",
+            "--use-service-account-credentials=true",
+            f"--cluster-signing-cert-file={p / 'ca.crt'}", f"--cluster-signing-key-file={p / 'ca.key'}",
+        ], state)
+        sched = p / "scheduler.kubeconfig"
+        self.start("kube-scheduler", [
+            *common, f"--kubeconfig={sched}", f"--authentication-kubeconfig={sched}",
+            f"--authorization-kubeconfig={sched}", f"--secure-port={ports['kube-scheduler']}",
+        ], state)
+        self.wait_ready("kube-controller-manager", lambda: https_ok(ports["kube-controller-manager"]))
+        self.wait_ready("kube-scheduler", lambda: https_ok(ports["kube-scheduler"]))
+        # Pods need the namespace's default ServiceAccount, made by the controller-manager.
+        self.wait_ready(
+            "kube-controller-manager",
+            lambda: self.kubectl("get", "serviceaccount", "default", "-n", "default", check=False)
+            .returncode == 0,
+        )
+
+    def apiserver_ready(self) -> bool:
+        return self.kubectl("get", "--raw", "/readyz", check=False, timeout=10).stdout.strip() == "ok"
+
+    def start_fleet(
+        self, ports: dict[str, int], state: dict,
+        gpu_nodes: int, gpu_per_node: int, gpu_product: str, cpu_nodes: int,
+    ) -> None:
+        self.start("kwok", [
+            f"--kubeconfig={self.kubeconfig}",
+            "--manage-all-nodes=false",
+            f"--manage-nodes-with-annotation-selector={nodes.KWOK_SELECTOR}",
+            f"--server-address=127.0.0.1:{ports['kwok']}",
+            "--node-ip=10.250.0.1", "--cidr=10.244.0.1/16",
+        ], state)
+        fleet = nodes.fleet(gpu_nodes, gpu_per_node, gpu_product, cpu_nodes)
+        manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": fleet})
+        self.kubectl("apply", "-f", "-", input=manifest)
+        names = {n["metadata"]["name"] for n in fleet}
+
+        def all_ready() -> bool:
+            out = self.kubectl("get", "nodes", "-o", "json").stdout
+            ready = {
+                n["metadata"]["name"] for n in json.loads(out)["items"]
+                if any(c["type"] == "Ready" and c["status"] == "True"
+                       for c in n.get("status", {}).get("conditions", []))
+            }
+            return names <= ready
+
+        self.wait_ready("kwok", all_ready, timeout=60)
+
+    # -- stopping and reporting -------------------------------------------------------------
+
+    def down(self, timeout: float = 15) -> list[str]:
+        """Stop every component this folder started; return the names stopped."""
+        state = self.read_state()
+        stopped = []
+        for name in reversed(COMPONENTS):
+            pid = state["pids"].get(name)
+            if pid is None:
+                continue
+            # Only signal a pid that is still ours: its command line names this folder.
+            if process_alive(pid) and str(self.dir) in process_cmdline(pid):
+                self.signal_group(pid, signal.SIGTERM)
+                deadline = time.monotonic() + timeout
+                while process_alive(pid) and time.monotonic() < deadline:
+                    self.reap(name)
+                    time.sleep(0.1)
+                if process_alive(pid):
+                    self.signal_group(pid, signal.SIGKILL)
+                    while process_alive(pid):
+                        self.reap(name)
+                        time.sleep(0.05)
+                stopped.append(name)
+            self.reap(name)
+            del state["pids"][name]
+            self.write_state(state)
+        return stopped
+
+    def signal_group(self, pid: int, sig: signal.Signals) -> None:
+        # Each component leads its own session (start_new_session), so its group is its pid.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, sig)
+
+    def reap(self, name: str) -> None:
+        proc = self.procs.get(name)
+        if proc is not None:
+            proc.poll()
+
+    def status(self) -> dict:
+        state = self.read_state()
+        report = {
+            "dir": str(self.dir),
+            "kubeconfig": str(self.kubeconfig),
+            "components": {
+                name: {"pid": pid, "running": process_alive(pid), "port": state["ports"].get(name)}
+                for name, pid in state["pids"].items()
+            },
+        }
+        running = report["components"].get("kube-apiserver", {}).get("running")
+        report["apiserver_ready"] = bool(running) and self.apiserver_ready()
+        if report["apiserver_ready"]:
+            report["version"] = json.loads(self.kubectl("get", "--raw", "/version").stdout)["gitVersion"]
+            out = self.kubectl("get", "nodes", "-o", "json").stdout
+            report["nodes"] = {
+                n["metadata"]["name"]: n["status"].get("allocatable", {}).get(nodes.GPU_RESOURCE, "0")
+                + " gpu" for n in json.loads(out)["items"]
+            }
+        return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m e2e.cluster", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start a cluster in DIR and wait until it is ready")
+    up.add_argument("--dir", required=True, type=Path)
+    up.add_argument("--gpu-nodes", type=int, default=0)
+    up.add_argument("--gpu-per-node", type=int, default=8)
+    up.add_argument("--gpu-product", default="NVIDIA-H100-80GB-HBM3")
+    up.add_argument("--cpu-nodes", type=int, default=None,
+                    help="fake CPU-only nodes (default: 1 when any fake node is asked for)")
+    for name, text in (("down", "stop the cluster in DIR"), ("status", "report on the cluster in DIR")):
+        sub.add_parser(name, help=text).add_argument("--dir", required=True, type=Path)
+    sub.add_parser("bin-dir", help="print the folder holding the built binaries")
+    args = parser.parse_args(argv)
+
+    if args.command == "bin-dir":
+        print(build.bin_dir())
+        return 0 if not build.missing_binaries() else 1
+    cluster = Cluster(args.dir)
+    if args.command == "up":
+        try:
+            seconds = cluster.up(args.gpu_nodes, args.gpu_per_node, args.gpu_product, args.cpu_nodes)
+        except ClusterError as err:
+            print(f"cluster up failed: {err}", file=sys.stderr)
+            return 1
+        print(f"cluster ready in {seconds:.1f}s; export KUBECONFIG={cluster.kubeconfig}")
+    elif args.command == "down":
+        stopped = cluster.down()
+        print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    else:
+        print(json.dumps(cluster.status(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
