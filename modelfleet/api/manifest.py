@@ -137,7 +137,7 @@ def _describe(error: dict[str, Any]) -> Problem:
     if path == "kind":
         return Problem(path, f"{given!r} is not supported; use kind: {KIND}")
     if path == "metadata.name" and kind in ("string_pattern_mismatch", "string_too_long"):
-        return Problem(path, f"{given!r}: {NAME_RULE_MESSAGE}")
+        return Problem(path, NAME_RULE_MESSAGE)
     if kind == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
         return Problem(path, f"{given!r} is not allowed; use one of {expected}")
