@@ -35,7 +35,7 @@ KWOK_VERSION = "v0.8.0"
 
 K8S_STATIC = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 K8S_BINARIES = (*K8S_STATIC, "kubelet")
-ALL_BINARIES = (*K8S_BINARIES, "etcd", "helm", "kwok")
+ALL_BINARIES = (*K8S_BINARIES, "etcd", "helm", "kwok", "kwok-stages.yaml")
 
 
 class BuildError(RuntimeError):
@@ -68,9 +68,13 @@ def bin_dir(versions: Versions = Versions()) -> Path:
     return cache_root() / "toolsets" / versions.name / "bin"
 
 
-def missing_binaries(versions: Versions = Versions()) -> list[str]:
-    folder = bin_dir(versions)
-    return [b for b in ALL_BINARIES if not os.access(folder / b, os.X_OK)]
+def missing_binaries(folder: Path | None = None) -> list[str]:
+    """What the toolset folder (default: this release's) still lacks."""
+    folder = folder or bin_dir()
+    return [
+        b for b in ALL_BINARIES
+        if not os.access(folder / b, os.R_OK if b.endswith(".yaml") else os.X_OK)
+    ]
 
 
 def log(message: str) -> None:
@@ -121,15 +125,20 @@ def run_go(args: list[str], *, cwd: Path, cgo: bool, label: str) -> None:
     log(f"{label}: done in {time.monotonic() - start:.0f}s")
 
 
-def module_gomod(module: str, version: str, workdir: Path) -> Path:
+def module_info(module: str, version: str, workdir: Path) -> dict:
+    """`go mod download -json`: the module's GoMod file and source Dir in the module cache."""
     out = subprocess.run(
         ["go", "mod", "download", "-json", f"{module}@{version}"],
         cwd=workdir, env=go_env(False), capture_output=True, text=True,
     )
     info = json.loads(out.stdout or "{}")
-    if out.returncode != 0 or "GoMod" not in info:
+    if out.returncode != 0 or "Dir" not in info:
         raise BuildError(f"cannot download {module}@{version}: {info.get('Error') or out.stderr}")
-    return Path(info["GoMod"])
+    return info
+
+
+def module_gomod(module: str, version: str, workdir: Path) -> Path:
+    return Path(module_info(module, version, workdir)["GoMod"])
 
 
 def staging_replaces(gomod_text: str, version: str) -> list[str]:
@@ -263,20 +272,39 @@ def build_helm(version: str) -> Path:
     return out
 
 
+# kwok acts only on the Stages it is given; these are the ones `kwokctl` installs by default
+# (node-fast, heartbeat with leases, pod-fast), taken from the kwok module itself.
+KWOK_STAGES = (
+    "node/fast/node-initialize.yaml",
+    "node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
+    "pod/fast/pod-ready.yaml",
+    "pod/fast/pod-complete.yaml",
+    "pod/fast/pod-delete.yaml",
+)
+
+
+def write_kwok_stages(version: str, out: Path) -> None:
+    stage_dir = Path(module_info("sigs.k8s.io/kwok", version, out.parent)["Dir"]) / "kustomize" / "stage"
+    docs = [(stage_dir / name).read_text().strip() for name in KWOK_STAGES]
+    (out / "kwok-stages.yaml").write_text("\n---\n".join(docs) + "\n")
+
+
 def build_kwok(version: str) -> Path:
     out = piece_bin("kwok", version)
-    if os.access(out / "kwok", os.X_OK):
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    ldflags = f"-s -w -X sigs.k8s.io/kwok/pkg/consts.Version={version.removeprefix('v')}"
-    os.environ["GOBIN"] = str(out)
-    try:
-        run_go(
-            ["install", "-v", "-trimpath", "-ldflags", ldflags, f"sigs.k8s.io/kwok/cmd/kwok@{version}"],
-            cwd=out.parent, cgo=False, label=f"kwok {version}",
-        )
-    finally:
-        os.environ.pop("GOBIN", None)
+    if not os.access(out / "kwok", os.X_OK):
+        out.mkdir(parents=True, exist_ok=True)
+        ldflags = f"-s -w -X sigs.k8s.io/kwok/pkg/consts.Version={version.removeprefix('v')}"
+        os.environ["GOBIN"] = str(out)
+        try:
+            run_go(
+                ["install", "-v", "-trimpath", "-ldflags", ldflags,
+                 f"sigs.k8s.io/kwok/cmd/kwok@{version}"],
+                cwd=out.parent, cgo=False, label=f"kwok {version}",
+            )
+        finally:
+            os.environ.pop("GOBIN", None)
+    if not (out / "kwok-stages.yaml").exists():
+        write_kwok_stages(version, out)
     return out
 
 
@@ -284,7 +312,7 @@ def link_toolset(versions: Versions, pieces: dict[str, Path]) -> Path:
     folder = bin_dir(versions)
     folder.mkdir(parents=True, exist_ok=True)
     for piece, src in pieces.items():
-        names = K8S_BINARIES if piece == "kubernetes" else (piece,)
+        names = {"kubernetes": K8S_BINARIES, "kwok": ("kwok", "kwok-stages.yaml")}.get(piece, (piece,))
         for name in names:
             link = folder / name
             if link.is_symlink() or link.exists():

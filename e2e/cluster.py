@@ -110,11 +110,16 @@ class Cluster:
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
         """Run the built kubectl against this cluster as admin."""
-        cmd = [str(self.bin_dir / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args]
+        cmd = [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}",
+               f"--cache-dir={self.dir / 'kube-cache'}", *args]
         done = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
         if check and done.returncode != 0:
             raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout, done.stderr)
         return done
+
+    def get_json(self, *args: str) -> dict:
+        """`kubectl get ... -o json`, parsed."""
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -158,9 +163,7 @@ class Cluster:
     ) -> float:
         """Start everything and wait until it is ready; return the seconds it took."""
         start = time.monotonic()
-        missing = build.missing_binaries() if self.bin_dir == build.bin_dir() else [
-            b for b in build.ALL_BINARIES if not os.access(self.bin_dir / b, os.X_OK)
-        ]
+        missing = build.missing_binaries(self.bin_dir)
         if missing:
             raise ClusterError(
                 f"binaries missing in {self.bin_dir}: {', '.join(missing)}; "
@@ -256,6 +259,8 @@ class Cluster:
     ) -> None:
         self.start("kwok", [
             f"--kubeconfig={self.kubeconfig}",
+            f"--config={self.bin_dir / 'kwok-stages.yaml'}",
+            "--node-lease-duration-seconds=40",
             "--manage-all-nodes=false",
             f"--manage-nodes-with-annotation-selector={nodes.KWOK_SELECTOR}",
             f"--server-address=127.0.0.1:{ports['kwok']}",
