@@ -1,0 +1,14 @@
+"""Errors the engine raises for bad requests and bad configs, each naming its field."""
+
+
+class InvalidRequest(ValueError):
+    """A request or config field is out of range; `param` names it, the message starts with it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+        self.message = message
+
+
+class InvalidConfig(InvalidRequest):
+    """An engine config field is invalid."""

@@ -1,0 +1,67 @@
+"""Attention over the paged KV cache: store the new keys/values by slot, then attend.
+
+The cache of one layer is two flat tensors [num_blocks * block_size, Hkv, D]; a token's slot is
+block_table[pos // block_size] * block_size + pos % block_size. Slot 0 belongs to a reserved
+zero block, so padded gathers read zeros, never stale data.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelfleet.engine.layers.context import get_context
+
+
+class Attention(nn.Module):
+    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim, self.scale = n_heads, n_kv_heads, head_dim, scale
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H * D]
+        ctx = get_context()
+        self.k_cache.index_copy_(0, ctx.slot_mapping, k)
+        self.v_cache.index_copy_(0, ctx.slot_mapping, v)
+        if ctx.is_prefill:
+            out = self._prefill(q, k, v, ctx)
+        else:
+            out = self._decode(q, ctx.decode_slots, ctx.decode_mask)
+        return out.reshape(q.shape[0], self.n_heads * self.head_dim)
+
+    def _prefill(self, q, k, v, ctx) -> torch.Tensor:
+        outs = []
+        groups = self.n_heads // self.n_kv_heads
+        for (start, n, ctx_len), slots in zip(ctx.seqs, ctx.prefix_slots, strict=True):
+            qi = q[start : start + n].transpose(0, 1)  # [H, n, D]
+            if slots is None:  # nothing cached: keys are this step's own
+                ki, vi = k[start : start + n], v[start : start + n]
+                mask, causal = None, True
+            else:  # a cached prefix: gather the whole context from the cache
+                ki, vi = self.k_cache[slots], self.v_cache[slots]  # [ctx, Hkv, D]
+                pos_q = torch.arange(ctx_len - n, ctx_len, device=q.device)
+                mask = torch.arange(ctx_len, device=q.device)[None, :] <= pos_q[:, None]
+                causal = False
+            ki = ki.transpose(0, 1).repeat_interleave(groups, dim=0)  # [H, ctx, D]
+            vi = vi.transpose(0, 1).repeat_interleave(groups, dim=0)
+            o = F.scaled_dot_product_attention(
+                qi.unsqueeze(0), ki.unsqueeze(0), vi.unsqueeze(0),
+                attn_mask=mask, is_causal=causal, scale=self.scale,
+            )  # [1, H, n, D]
+            outs.append(o[0].transpose(0, 1))
+        return torch.cat(outs, dim=0)
+
+    def _decode(self, q: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # q: [B, H, D]; slots: [B, L]; mask: [B, 1, 1, L]
+        b = slots.shape[0]
+        g = self.n_heads // self.n_kv_heads
+        k = self.k_cache[slots].permute(0, 2, 3, 1)  # [B, Hkv, D, L]
+        v = self.v_cache[slots].transpose(1, 2)  # [B, Hkv, L, D]
+        qg = q.view(b, self.n_kv_heads, g, self.head_dim)  # [B, Hkv, g, D]
+        scores = torch.matmul(qg, k).float() * self.scale  # [B, Hkv, g, L]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        return torch.matmul(probs, v)  # [B, Hkv, g, D]

@@ -1,0 +1,31 @@
+"""Per-step attention metadata, set by the model runner and read by every Attention layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionContext:
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
+    # prefill: per sequence (query start, query length, context length); context = cached + query
+    seqs: list[tuple[int, int, int]]
+    prefix_slots: list[torch.Tensor | None]  # prefill: [ctx] slots to gather, None if no prefix hit
+    decode_slots: torch.Tensor | None = None  # decode: [B, L] slots (padding -> the null slot 0)
+    decode_mask: torch.Tensor | None = None  # decode: [B, 1, 1, L] True where a key is visible
+
+
+_context: AttentionContext | None = None
+
+
+def set_context(ctx: AttentionContext | None) -> None:
+    global _context
+    _context = ctx
+
+
+def get_context() -> AttentionContext:
+    assert _context is not None, "attention called outside a model step"
+    return _context
