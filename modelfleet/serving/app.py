@@ -1,0 +1,99 @@
+"""Builds the Serve application of one ModelDeployment: the OpenAI ingress, the model
+deployment (one engine per replica, placed by a STRICT_PACK placement group) and the
+metrics hub.
+
+`build_app` is the import path a Serve config names, so the operator deploys the same
+application with `import_path: modelfleet.serving.app:build_app` and plain-dict args:
+
+    args:
+      manifest: {apiVersion: modelfleet.dev/v1alpha1, kind: ModelDeployment, ...}
+      overrides: {device: cuda}          # any ServeSettings field
+
+or `args: {settings: {...}}` with every ServeSettings field spelled out. Changing only
+`num_replicas` of the `Model` deployment in that config scales without reloading the
+replicas that stay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from modelfleet.serving.hub import MetricsHub
+from modelfleet.serving.ingress import OpenAIIngress
+from modelfleet.serving.placement import placement_options
+from modelfleet.serving.replica import ModelReplica
+from modelfleet.serving.settings import ServeSettings, settings_from_deployment
+
+MODEL_DEPLOYMENT = "Model"
+INGRESS_DEPLOYMENT = "OpenAIIngress"
+HUB_DEPLOYMENT = "MetricsHub"
+
+
+def use_gpu(settings: ServeSettings) -> bool:
+    """`auto` means GPUs when the Ray cluster has any."""
+    if settings.device != "auto":
+        return settings.device == "cuda"
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def model_options(settings: ServeSettings, gpu: bool) -> dict[str, Any]:
+    """Serve options of the model deployment; pure, so the operator and tests can read them."""
+    return {
+        "name": MODEL_DEPLOYMENT,
+        "num_replicas": settings.replicas,
+        # A replica takes what its engine can run plus its bounded queue; Serve's router
+        # holds at most `max_queue_depth` more when every replica is full, then 429s.
+        "max_ongoing_requests": settings.max_num_seqs + settings.max_queue_depth,
+        "max_queued_requests": settings.max_queue_depth,
+        "health_check_period_s": settings.health_check_period_s,
+        "health_check_timeout_s": 30.0,
+        "graceful_shutdown_timeout_s": 10.0,
+        **placement_options(settings.tensor_parallel_size, gpu),
+    }
+
+
+def build_application(settings: ServeSettings) -> Application:
+    gpu = use_gpu(settings)
+    if gpu and settings.device == "auto":
+        settings = ServeSettings.from_dict({**settings.to_dict(), "device": "cuda"})
+    elif not gpu:
+        settings = ServeSettings.from_dict({**settings.to_dict(), "device": "cpu"})
+    args = settings.to_dict()
+    hub = (
+        serve.deployment(MetricsHub)
+        .options(name=HUB_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})
+        .bind(settings.name, settings.namespace)
+    )
+    model = serve.deployment(ModelReplica).options(**model_options(settings, gpu)).bind(args, hub)
+    return (
+        serve.deployment(OpenAIIngress)
+        .options(
+            name=INGRESS_DEPLOYMENT,
+            num_replicas=1,
+            max_ongoing_requests=4096,
+            ray_actor_options={"num_cpus": 0},
+        )
+        .bind(args, model, hub)
+    )
+
+
+def settings_from_args(args: dict[str, Any]) -> ServeSettings:
+    if "settings" in args:
+        return ServeSettings.from_dict(dict(args["settings"]))
+    from modelfleet.api import ModelDeployment, load_manifest
+
+    manifest = args.get("manifest")
+    if manifest is None:
+        raise ValueError("build_app needs `manifest` (a ModelDeployment or a path) or `settings`")
+    md = load_manifest(manifest) if isinstance(manifest, str) else ModelDeployment.parse(manifest)
+    return settings_from_deployment(md, **dict(args.get("overrides") or {}))
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The Serve application builder named in Serve configs."""
+    return build_application(settings_from_args(args))

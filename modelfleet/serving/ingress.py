@@ -1,0 +1,179 @@
+"""The HTTP ingress: OpenAI routes, API-key check, request validation, errors in OpenAI's
+shape, and server-sent-event framing. It holds no model; the replica does the work."""
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+from modelfleet.serving import errors
+from modelfleet.serving.errors import APIError
+from modelfleet.serving.metrics import CONTENT_TYPE, IngressMetrics
+from modelfleet.serving.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from modelfleet.serving.responses import error_event
+from modelfleet.serving.settings import ServeSettings
+
+log = logging.getLogger("modelfleet.serving")
+
+api = FastAPI(title="modelfleet", docs_url=None, redoc_url=None, openapi_url=None)
+
+PUSH_INTERVAL_S = 1.0
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise errors.bad_request(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"
+
+
+@serve.ingress(api)
+class OpenAIIngress:
+    async def __init__(self, settings: dict[str, Any], model: Any, hub: Any):
+        self.settings = ServeSettings.from_dict(settings)
+        self.api_key = self.settings.resolve_api_key()
+        self.model = model
+        self.hub = hub
+        self.created = int(time.time())
+        try:
+            self.source = serve.get_replica_context().replica_id.unique_id
+        except Exception:
+            self.source = uuid.uuid4().hex[:8]
+        self.metrics = IngressMetrics(self.settings.name, self.settings.namespace, self.source)
+        self._pusher = asyncio.create_task(self._push_metrics())
+
+    # -- open routes -------------------------------------------------------------------
+
+    @api.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/ready")
+    async def ready(self) -> Response:
+        n = await self.hub.ready_replicas.remote()
+        status = 200 if n > 0 else 503
+        return JSONResponse({"ready": n > 0, "ready_replicas": n}, status_code=status)
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        return PlainTextResponse(await self.hub.render.remote(), media_type=CONTENT_TYPE)
+
+    # -- the OpenAI API ------------------------------------------------------------------
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except APIError as err:
+            return self._error(err)
+        self.metrics.count(200)
+        card = {
+            "id": self.settings.served_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "modelfleet",
+            "root": self.settings.model,
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, "completion", CompletionRequest)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(request, "chat", ChatCompletionRequest)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    async def _serve(self, request: Request, kind: str, model: type) -> Response:
+        try:
+            self._authorize(request)
+            req = parse_request(model, await _json_body(request))
+            if req.model != self.settings.served_name:
+                raise errors.model_not_found(req.model)
+            if req.stream:
+                return await self._stream(kind, req)
+            body = await self.model.complete.remote(kind, req)
+        except APIError as err:
+            return self._error(err)
+        except BackPressureError:
+            return self._error(errors.queue_full(self.settings.max_queue_depth))
+        except Exception as exc:
+            log.exception("request failed")
+            return self._error(errors.engine_fault(_describe(exc)))
+        self.metrics.count(200)
+        return JSONResponse(body)
+
+    async def _stream(self, kind: str, req: Any) -> Response:
+        gen = self.model.options(stream=True).stream.remote(kind, req)
+        try:
+            first = await gen.__anext__()  # admission: errors still get their status code
+        except BaseException:
+            gen.cancel()
+            raise
+        return StreamingResponse(
+            self._events(gen, first),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _events(self, gen: Any, first: str) -> AsyncIterator[str]:
+        status = 499  # unless the stream runs to its end
+        try:
+            if first:
+                yield first
+            async for chunk in gen:
+                yield chunk
+            status = 200
+        except APIError as err:
+            status = err.status
+            yield error_event(err.body())
+        except Exception as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                status = 500
+                log.exception("stream failed")
+                yield error_event(errors.engine_fault(_describe(exc)).body())
+        finally:
+            if status == 499:
+                gen.cancel()  # the client went away: stop generating, free the KV blocks
+            self.metrics.count(status)
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        ):
+            raise errors.unauthorized()
+
+    def _error(self, err: APIError) -> Response:
+        self.metrics.count(err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+
+    async def _push_metrics(self) -> None:
+        while True:
+            try:
+                await self.hub.push.remote(self.source, "ingress", self.metrics.text())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("metrics push failed", exc_info=True)
+            await asyncio.sleep(PUSH_INTERVAL_S)

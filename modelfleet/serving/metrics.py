@@ -1,0 +1,171 @@
+"""The Prometheus metrics of a Serve application, and how they reach one /metrics page.
+
+Each replica and each ingress keeps its own registry and pushes its exposition text to
+the application's MetricsHub once a second; the ingress serves the hub's merged page at
+`GET /metrics` on the API port. So one scrape through the endpoint Service sees every
+replica of the ModelDeployment, each series labelled with its replica. These names are
+the autoscaler's contract.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+LABELS = ("model_deployment", "namespace", "replica")
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# What a reader of /metrics can rely on; README lists the same.
+METRIC_NAMES = (
+    "modelfleet_queue_depth",
+    "modelfleet_running_requests",
+    "modelfleet_requests_total",
+    "modelfleet_prompt_tokens_total",
+    "modelfleet_generation_tokens_total",
+    "modelfleet_time_to_first_token_seconds",
+    "modelfleet_inter_token_latency_seconds",
+    "modelfleet_request_duration_seconds",
+    "modelfleet_kv_cache_usage_ratio",
+    "modelfleet_replicas_ready",
+)
+
+
+class ReplicaMetrics:
+    """The metrics one model replica owns."""
+
+    def __init__(self, name: str, namespace: str, replica: str):
+        self.registry = CollectorRegistry(auto_describe=False)
+        labels = (name, namespace, replica)
+        r = self.registry
+
+        def gauge(metric: str, doc: str) -> Gauge:
+            return Gauge(metric, doc, LABELS, registry=r).labels(*labels)
+
+        self.queue_depth = gauge(
+            "modelfleet_queue_depth", "Requests accepted by the replica that have not produced a token yet."
+        )
+        self.running = gauge("modelfleet_running_requests", "Requests producing tokens.")
+        self.kv_usage = gauge("modelfleet_kv_cache_usage_ratio", "Share of KV cache blocks in use (0..1).")
+        self.max_queue_depth = gauge(
+            "modelfleet_max_queue_depth", "Waiting requests a replica holds before it answers 429."
+        )
+        self.prompt_tokens = Counter(
+            "modelfleet_prompt_tokens", "Prompt tokens processed.", LABELS, registry=r
+        ).labels(*labels)
+        self.generation_tokens = Counter(
+            "modelfleet_generation_tokens", "Tokens generated.", LABELS, registry=r
+        ).labels(*labels)
+        self.ttft = Histogram(
+            "modelfleet_time_to_first_token_seconds",
+            "From admission at the replica to the first token.",
+            LABELS,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        ).labels(*labels)
+        self.itl = Histogram(
+            "modelfleet_inter_token_latency_seconds",
+            "Between consecutive tokens of one sequence.",
+            LABELS,
+            buckets=ITL_BUCKETS,
+            registry=r,
+        ).labels(*labels)
+        self.duration = Histogram(
+            "modelfleet_request_duration_seconds",
+            "From admission at the replica to the last token.",
+            LABELS,
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        ).labels(*labels)
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode()
+
+
+class IngressMetrics:
+    """The metrics the HTTP ingress owns: outcomes as the client saw them."""
+
+    def __init__(self, name: str, namespace: str, replica: str):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._labels = (name, namespace, replica)
+        self._requests = Counter(
+            "modelfleet_requests",
+            "API requests by HTTP status (499: the client went away mid-stream).",
+            (*LABELS, "status"),
+            registry=self.registry,
+        )
+
+    def count(self, status: int) -> None:
+        self._requests.labels(*self._labels, str(status)).inc()
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode()
+
+
+@dataclass
+class _Source:
+    text: str
+    kind: str
+    seen: float = field(default_factory=time.monotonic)
+
+
+class MetricsStore:
+    """The latest exposition text of every source, merged into one page on request."""
+
+    def __init__(self, name: str, namespace: str, stale_after_s: float = 10.0):
+        self.name = name
+        self.namespace = namespace
+        self.stale_after_s = stale_after_s
+        self._sources: dict[str, _Source] = {}
+
+    def push(self, source: str, kind: str, text: str) -> None:
+        self._sources[source] = _Source(text, kind)
+
+    def drop(self, source: str) -> None:
+        self._sources.pop(source, None)
+
+    def _fresh(self) -> dict[str, _Source]:
+        now = time.monotonic()
+        for key in [k for k, s in self._sources.items() if now - s.seen > self.stale_after_s]:
+            del self._sources[key]
+        return self._sources
+
+    def ready_replicas(self) -> int:
+        return sum(1 for s in self._fresh().values() if s.kind == "replica")
+
+    def render(self) -> str:
+        families: dict[str, Metric] = {}
+        for src in self._fresh().values():
+            for fam in text_string_to_metric_families(src.text):
+                if fam.name.endswith("_created"):
+                    continue  # creation timestamps of each series: noise on a merged page
+                merged = families.get(fam.name)
+                if merged is None:
+                    merged = families[fam.name] = Metric(fam.name, fam.documentation, fam.type)
+                merged.samples.extend(s for s in fam.samples if not s.name.endswith("_created"))
+        ready = Metric("modelfleet_replicas_ready", "Model replicas loaded and reporting.", "gauge")
+        ready.add_sample(
+            "modelfleet_replicas_ready",
+            {"model_deployment": self.name, "namespace": self.namespace},
+            float(self.ready_replicas()),
+        )
+        families[ready.name] = ready
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Fixed(list(families.values())))
+        return generate_latest(registry).decode()
+
+
+class _Fixed:
+    def __init__(self, metrics: list[Metric]):
+        self._metrics = metrics
+
+    def collect(self) -> list[Metric]:
+        return self._metrics

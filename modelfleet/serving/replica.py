@@ -1,0 +1,362 @@
+"""The model deployment: each Serve replica loads one engine and runs its step loop on
+the replica's event loop, admits requests against a bounded queue, and turns engine
+deltas into OpenAI responses.
+
+Where requests wait: Serve sends a replica up to `max_num_seqs + max_queue_depth`
+requests at once (its `max_ongoing_requests`), and every request the replica has
+accepted goes straight to the engine, whose scheduler holds it until a sequence slot
+and KV blocks are free. A request counts as waiting from acceptance until its first
+token. When `max_queue_depth` requests are already waiting, the replica answers 429
+at once instead of queueing more. So the waiting requests sit at the replica, where the
+queue-depth metric (the autoscaler's signal) can see them, not in Serve's router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from modelfleet.serving import errors
+from modelfleet.serving.metrics import ReplicaMetrics
+from modelfleet.serving.protocol import ChatCompletionRequest, CompletionRequest
+from modelfleet.serving.responses import ResponseWriter
+from modelfleet.serving.settings import ServeSettings
+
+log = logging.getLogger("modelfleet.serving")
+
+PUSH_INTERVAL_S = 1.0
+
+
+class Admission:
+    """Counts of one replica's requests: waiting (no token yet) and running."""
+
+    def __init__(self, max_waiting: int):
+        self.max_waiting = max_waiting
+        self.waiting = 0
+        self.running = 0
+
+    def admit(self) -> None:
+        if self.waiting >= self.max_waiting:
+            raise errors.queue_full(self.waiting)
+        self.waiting += 1
+
+    def start(self) -> None:
+        self.waiting -= 1
+        self.running += 1
+
+    def finish(self, started: bool) -> None:
+        if started:
+            self.running -= 1
+        else:
+            self.waiting -= 1
+
+
+class ModelReplica:
+    """One engine behind Serve. Methods are called through a DeploymentHandle."""
+
+    async def __init__(self, settings: dict[str, Any], hub: Any = None):
+        from modelfleet.engine.config import EngineConfig
+
+        self.settings = ServeSettings.from_dict(settings)
+        s = self.settings
+        self.replica_id = _replica_id()
+        self.metrics = ReplicaMetrics(s.name, s.namespace, self.replica_id)
+        self.metrics.max_queue_depth.set(s.max_queue_depth)
+        self.admission = Admission(s.max_queue_depth)
+        self.fault: str | None = None
+        self._inject_fault = False
+        cfg = EngineConfig(
+            model=s.model,
+            dtype=s.dtype,
+            max_model_len=s.max_model_len,
+            tensor_parallel_size=s.tensor_parallel_size,
+            max_num_seqs=s.max_num_seqs,
+            kv_cache_memory_fraction=s.kv_cache_memory_fraction,
+            num_kv_blocks=s.num_kv_blocks,
+            block_size=s.block_size,
+            device=s.device,
+            worker_backend="ray" if s.tensor_parallel_size > 1 else "mp",
+        )
+        # Loading is synchronous (weights, workers); keep the replica's loop free meanwhile.
+        self.engine = await asyncio.to_thread(_import(s.engine_class), cfg)
+        await self.engine.start()
+        self.max_model_len: int = self.engine.max_model_len
+        self._hub = hub
+        self._pusher = asyncio.create_task(self._push_metrics()) if hub is not None else None
+        log.info("replica %s ready: %s (TP %d)", self.replica_id, s.model, s.tensor_parallel_size)
+
+    # -- Serve hooks -------------------------------------------------------------------
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; raising makes Serve replace the replica."""
+        if self.fault is not None:
+            raise RuntimeError(f"engine failed: {self.fault}")
+
+    async def __del__(self) -> None:
+        if self._pusher is not None:
+            self._pusher.cancel()
+        try:
+            await self.engine.shutdown()
+        except Exception:  # the process is going away either way
+            log.exception("engine shutdown failed")
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def complete(self, kind: str, request: Any) -> dict[str, Any]:
+        """A whole non-streamed response."""
+        writer, run = await self._begin(kind, request)
+        try:
+            async for _ in run.batches():
+                pass
+        finally:
+            await run.close()
+        return writer.body()
+
+    async def stream(self, kind: str, request: Any) -> AsyncIterator[str]:
+        """Server-sent events. The first item (empty, or the chat role chunk) is yielded as
+        soon as the request is admitted, so the ingress can answer errors with a status
+        before the stream starts."""
+        writer, run = await self._begin(kind, request)
+        try:
+            yield writer.opening()
+            async for batch in run.batches():
+                yield "".join(
+                    writer.delta_chunk(i, out.text, out.logprobs, out.finish_reason) for i, out in batch
+                )
+        except errors.APIError as err:
+            from modelfleet.serving.responses import error_event
+
+            yield error_event(err.body())
+            return
+        finally:
+            await run.close()
+        yield writer.closing()
+
+    async def stats(self) -> dict[str, Any]:
+        st = self.engine.stats()
+        return {
+            "replica": self.replica_id,
+            "waiting": self.admission.waiting,
+            "running": self.admission.running,
+            "engine_waiting": st.waiting,
+            "engine_running": st.running,
+            "kv_blocks_used": st.kv_blocks_used,
+            "kv_blocks_total": st.kv_blocks_total,
+        }
+
+    async def inject_fault(self) -> None:
+        """Make the next request fail inside the engine (recovery tests)."""
+        if not self.settings.enable_fault_injection:
+            raise errors.APIError(403, "fault injection is disabled")
+        self._inject_fault = True
+
+    # -- the path of a request -----------------------------------------------------------
+
+    async def _begin(self, kind: str, request: Any) -> tuple[ResponseWriter, Run]:
+        if self.fault is not None:
+            raise errors.engine_fault(self.fault)
+        prompts, max_tokens, logprobs = self._prepare(kind, request)
+        base = request.sampling_kwargs()
+        params = []
+        for c in range(len(prompts) * request.n):
+            seed = base["seed"]
+            if seed is not None and request.n > 1:
+                seed += c % request.n
+            params.append(self._sampling_params(base, seed, max_tokens[c // request.n], logprobs))
+        for p_idx, prompt in enumerate(prompts):
+            self._validate(prompt, params[p_idx * request.n])
+        self.admission.admit()  # raises 429 when the replica's queue is full
+        writer = ResponseWriter(
+            "completion" if kind == "completion" else "chat",
+            self.settings.served_name,
+            len(params),
+            logprobs is not None,
+            request.stream and request.include_usage_in_stream(),
+        )
+        writer.prompt_tokens = sum(len(p) for p in prompts)
+        jobs = [(prompts[c // request.n], params[c]) for c in range(len(params))]
+        return writer, self._generate(writer, jobs)
+
+    def _prepare(self, kind: str, request: Any) -> tuple[list[list[int]], list[int], int | None]:
+        """Token ids of each prompt, the completion budget of each, and the logprobs asked."""
+        tok = self.engine.tokenizer
+        if kind == "completion":
+            assert isinstance(request, CompletionRequest)
+            prompts = [p if isinstance(p, list) else tok.encode(p) for p in request.prompts()]
+            limit, logprobs = request.max_tokens, request.logprobs
+        else:
+            assert isinstance(request, ChatCompletionRequest)
+            try:
+                text = self.engine.apply_chat_template(
+                    request.template_messages(), add_generation_prompt=request.add_generation_prompt
+                )
+            except errors.APIError:
+                raise
+            except Exception as exc:
+                raise errors.bad_request(f"The chat template failed: {exc}", "messages") from None
+            prompts = [tok.encode(text)]
+            limit, logprobs = request.limit(), request.engine_logprobs()
+        budgets = []
+        for ids in prompts:
+            if not ids:
+                raise errors.bad_request("The prompt is empty.", "prompt")
+            room = self.max_model_len - len(ids)
+            want = limit if limit is not None else room
+            if room < 1 or want > room:
+                raise errors.bad_request(
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                    f"you requested {len(ids) + want} tokens ({len(ids)} in the prompt, {want} for "
+                    "the completion). Please reduce the prompt or the completion length.",
+                    "messages" if kind == "chat" else ("max_tokens" if limit is not None else "prompt"),
+                    code="context_length_exceeded",
+                )
+            budgets.append(want)
+        return prompts, budgets, logprobs
+
+    def _sampling_params(
+        self, base: dict[str, Any], seed: int | None, max_tokens: int, logprobs: int | None
+    ) -> Any:
+        from modelfleet.engine.params import SamplingParams
+
+        try:
+            return SamplingParams(**{**base, "seed": seed, "max_tokens": max_tokens, "logprobs": logprobs})
+        except ValueError as exc:
+            raise errors.bad_request(str(exc), getattr(exc, "param", None)) from None
+
+    def _validate(self, prompt: list[int], params: Any) -> None:
+        try:
+            self.engine.validate(prompt, params)
+        except ValueError as exc:
+            raise errors.bad_request(str(exc), getattr(exc, "param", None)) from None
+
+    def _generate(self, writer: ResponseWriter, jobs: list[tuple[list[int], Any]]) -> Run:
+        fault, self._inject_fault = self._inject_fault, False
+        return Run(self, writer, jobs, fault)
+
+    def _fail(self, exc: BaseException) -> errors.APIError:
+        if isinstance(exc, errors.APIError):
+            return exc
+        if isinstance(exc, ValueError) and hasattr(exc, "param"):
+            return errors.bad_request(str(exc), exc.param)
+        # Anything else means the engine's state can no longer be trusted: fail this
+        # request, refuse new ones, and let the health check have the replica replaced.
+        self.fault = f"{type(exc).__name__}: {exc}"
+        log.error("engine fault on replica %s: %s", self.replica_id, self.fault)
+        return errors.engine_fault(self.fault)
+
+    async def _push_metrics(self) -> None:
+        m = self.metrics
+        while True:
+            try:
+                st = self.engine.stats()
+                m.queue_depth.set(self.admission.waiting)
+                m.running.set(self.admission.running)
+                m.kv_usage.set(st.kv_blocks_used / st.kv_blocks_total if st.kv_blocks_total else 0.0)
+                await self._hub.push.remote(self.replica_id, "replica", m.text())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("metrics push failed", exc_info=True)
+            await asyncio.sleep(PUSH_INTERVAL_S)
+
+
+def _import(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return uuid.uuid4().hex[:8]
+
+
+class Run:
+    """The engine requests behind one API request (one per choice), started at once.
+
+    Each choice is pumped by its own task into one queue; `batches()` drains all that is
+    there at each wake-up, so a busy replica sends fewer, larger messages through Serve.
+    `close()` cancels what is still running (which aborts it in the engine and frees its
+    KV blocks) and settles the admission counts; it is safe to call more than once.
+    """
+
+    def __init__(
+        self, replica: ModelReplica, writer: ResponseWriter, jobs: list[tuple[list[int], Any]], fault: bool
+    ):
+        self.replica = replica
+        self.writer = writer
+        self.started = False
+        self.closed = False
+        self.t0 = time.perf_counter()
+        self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        request_id = uuid.uuid4().hex
+        self.tasks = [
+            asyncio.create_task(self._pump(i, f"{request_id}-{i}", prompt, params, fault))
+            for i, (prompt, params) in enumerate(jobs)
+        ]
+
+    async def _pump(self, i: int, request_id: str, prompt: list[int], params: Any, fault: bool) -> None:
+        gen = self.replica.engine.generate(prompt, params, request_id=request_id)
+        try:
+            if fault:
+                raise RuntimeError("injected engine fault")
+            async for out in gen:
+                self.queue.put_nowait((i, out))
+            self.queue.put_nowait((i, None))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # surfaced by the consumer
+            self.queue.put_nowait((i, exc))
+        finally:
+            await gen.aclose()
+
+    async def batches(self) -> AsyncIterator[list[tuple[int, Any]]]:
+        m = self.replica.metrics
+        t0 = self.t0
+        last = [t0] * len(self.tasks)
+        remaining = len(self.tasks)
+        while remaining:
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            batch = []
+            now = time.perf_counter()
+            for i, out in items:
+                if out is None:
+                    remaining -= 1
+                    continue
+                if isinstance(out, BaseException):
+                    raise self.replica._fail(out) from out
+                n_tok = len(out.token_ids)
+                if n_tok:
+                    if not self.started:
+                        self.started = True
+                        self.replica.admission.start()
+                        m.ttft.observe(now - t0)
+                        m.prompt_tokens.inc(self.writer.prompt_tokens)
+                    elif last[i] != t0:
+                        m.itl.observe((now - last[i]) / n_tok)
+                    last[i] = now
+                    m.generation_tokens.inc(n_tok)
+                self.writer.record(i, out.text, n_tok, out.logprobs, out.finish_reason)
+                batch.append((i, out))
+            if batch:
+                yield batch
+        m.duration.observe(time.perf_counter() - t0)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.replica.admission.finish(self.started)

@@ -1,0 +1,105 @@
+"""The serving settings: everything a Serve application needs from a ModelDeployment,
+flattened into one plain, JSON-serialisable object so that it can travel as Serve
+application args (an operator-written Serve config) or be built by `modelfleet serve`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+API_KEY_ENV = "MODELFLEET_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """One application: the model, the engine knobs, the replica count and the API."""
+
+    name: str
+    """ModelDeployment name; a label on every metric."""
+    namespace: str = "default"
+    served_name: str = ""
+    """The name in /v1/models; defaults to `name`."""
+    model: str = "builtin://tiny-llama"
+    revision: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    max_num_seqs: int = 256
+    kv_cache_memory_fraction: float = 0.9
+    num_kv_blocks: int | None = None
+    block_size: int = 16
+    max_queue_depth: int = 128
+    """Requests accepted by a replica but not yet producing tokens, before it answers 429."""
+    replicas: int = 1
+    device: str = "auto"
+    """auto | cpu | cuda: `auto` uses GPUs when Ray has them."""
+    require_api_key: bool = False
+    """When set, the ingress refuses to start without a key and answers 401 without it."""
+    api_key: str | None = field(default=None, repr=False)
+    """The key itself (local use); otherwise read from `api_key_env` in the ingress."""
+    api_key_env: str = API_KEY_ENV
+    health_check_period_s: float = 2.0
+    engine_class: str = "modelfleet.engine:LLMEngine"
+    """Import path of the engine class (an engine with the same interface can stand in)."""
+    enable_fault_injection: bool = False
+    """Adds a handle method that breaks the engine; for recovery tests only."""
+
+    def __post_init__(self) -> None:
+        if not self.served_name:
+            object.__setattr__(self, "served_name", self.name)
+        for attr in ("tensor_parallel_size", "max_num_seqs", "max_queue_depth", "block_size"):
+            if getattr(self, attr) < 1:
+                raise ValueError(f"{attr} must be >= 1, got {getattr(self, attr)}")
+        if self.replicas < 0:
+            raise ValueError(f"replicas must be >= 0, got {self.replicas}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServeSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown serving settings: {', '.join(unknown)}")
+        return cls(**data)
+
+    def resolve_api_key(self) -> str | None:
+        """The key requests must carry, or None when the API is open."""
+        key = self.api_key or os.environ.get(self.api_key_env) or None
+        if self.require_api_key and not key:
+            raise RuntimeError(
+                f"the deployment requires an API key but none was given "
+                f"(set {self.api_key_env} or pass the key file)"
+            )
+        return key.strip() if key else None
+
+
+def settings_from_deployment(md: Any, **overrides: Any) -> ServeSettings:
+    """Flatten a `modelfleet.api.ModelDeployment` into ServeSettings; `overrides` win."""
+    spec = md.spec
+    model, engine = spec.model, spec.engine
+    service = getattr(spec, "service", None)
+    values: dict[str, Any] = {
+        "name": md.metadata.name,
+        "namespace": md.metadata.namespace or "default",
+        "served_name": getattr(md, "served_name", None) or model.served_name or md.metadata.name,
+        "model": model.uri,
+        "revision": getattr(model, "revision", None),
+        "dtype": getattr(model, "dtype", "auto") or "auto",
+        "max_model_len": getattr(model, "max_model_len", None),
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        "max_num_seqs": engine.max_num_seqs,
+        "kv_cache_memory_fraction": engine.kv_cache_memory_fraction,
+        "block_size": getattr(engine, "block_size", 16),
+        "max_queue_depth": getattr(engine, "max_queue_depth", 128),
+        "replicas": spec.replicas,
+        "require_api_key": bool(service is not None and service.api_key_secret_ref is not None),
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ServeSettings(**values)
