@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 TINY_LLAMA_URI = "builtin://tiny-llama"
-TINY_LLAMA_VERSION = "v1"
+TINY_LLAMA_VERSION = "v2"
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
             "<|eot_id|>"]
 CHAT_TEMPLATE = (
@@ -49,7 +49,7 @@ def materialize(uri: str = TINY_LLAMA_URI) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=target.parent))
     try:
-        write_llama_dir(tmp, **TINY_SHAPE, seed=0)
+        write_llama_dir(tmp, **TINY_SHAPE, seed=0, tie_word_embeddings=False)
         try:
             os.rename(tmp, target)  # atomic; a racing writer's finished copy wins
         except OSError:
