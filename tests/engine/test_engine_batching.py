@@ -59,7 +59,7 @@ async def test_preemption_by_recompute_keeps_outputs(alone):
 
 
 async def test_prefix_cache_hits_keep_outputs():
-    system = [1] + list(range(200, 264))  # a 65-token shared "system prompt": 4 full blocks
+    system = [1, *range(200, 264)]  # a 65-token shared "system prompt": 4 full blocks
     tails = [[300 + i, 301 + i, 302] for i in range(6)]
     ps = [system + t for t in tails]
     reference = LLMEngine(EngineConfig(device="cpu", enable_prefix_caching=False))
