@@ -1,0 +1,64 @@
+"""Deploying the Serve config into a Ray cluster through its dashboard's REST API.
+
+The operator, not the head pod, deploys: it already holds the config, sees the result at once
+(a bad config is an error here, not a log line in a pod), and re-deploys after a head restart
+because each status refresh compares what Serve runs with what the spec asks for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from modelfleet.operator.serveconfig import MODEL_DEPLOYMENT
+
+
+@dataclass(frozen=True)
+class ServeState:
+    reachable: bool
+    status: str  # RUNNING, DEPLOYING, DEPLOY_FAILED, NOT_DEPLOYED, or why it is unknown
+    target: int | None = None  # num_replicas Serve is driving towards
+    running: int = 0  # Model replicas Serve reports RUNNING
+    message: str = ""
+    config: dict[str, Any] | None = None
+
+
+class Dashboard:
+    """One Ray head's dashboard."""
+
+    def __init__(self, base_url: str, token: str | None, timeout: float = 5.0):
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def state(self, app: str) -> ServeState:
+        try:
+            resp = self.client.get("/api/serve/applications/")
+            resp.raise_for_status()
+            body = resp.json()
+        except (httpx.HTTPError, ValueError) as err:
+            return ServeState(False, f"Ray dashboard unreachable ({type(err).__name__}: {err})")
+        details = (body.get("applications") or {}).get(app)
+        if not details:
+            return ServeState(True, "NOT_DEPLOYED")
+        deployment = (details.get("deployments") or {}).get(MODEL_DEPLOYMENT) or {}
+        replicas = deployment.get("replicas") or []
+        running = sum(1 for r in replicas if r.get("state") == "RUNNING")
+        target = (deployment.get("deployment_config") or {}).get("num_replicas")
+        return ServeState(
+            True,
+            details.get("status", "UNKNOWN"),
+            target,
+            running,
+            details.get("message", ""),
+            details.get("deployed_app_config"),
+        )
+
+    def deploy(self, config: dict[str, Any]) -> None:
+        resp = self.client.put("/api/serve/applications/", json=config)
+        resp.raise_for_status()

@@ -1,0 +1,189 @@
+"""One reconcile of one ModelDeployment: parse, apply children, observe, deploy Serve, compute status.
+
+Synchronous on purpose: kopf runs sync handlers in its thread pool, and the Kubernetes and
+dashboard calls here are plain blocking HTTP.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+import threading
+import time
+from typing import Any
+
+from modelfleet.api import ManifestError, ModelDeployment
+from modelfleet.operator import naming
+from modelfleet.operator.capacity import Verdict, judge
+from modelfleet.operator.children import build_children, ray_token_secret
+from modelfleet.operator.dashboard import Dashboard
+from modelfleet.operator.kube import FleetCache, Kube
+from modelfleet.operator.pods import worker_pod_template
+from modelfleet.operator.serveconfig import IMPORT_PATH, serve_config
+from modelfleet.operator.settings import OperatorSettings
+from modelfleet.operator.status import Observation, compute_status, failed_status, transitions
+
+log = logging.getLogger("modelfleet.operator")
+
+POD_MONITOR_CRD = "podmonitors.monitoring.coreos.com"
+
+
+def as_dict(body: Any) -> dict[str, Any]:
+    """A plain dict of a kopf Body (or a dict)."""
+    return {k: (dict(v) if hasattr(v, "items") else v) for k, v in dict(body).items()}
+
+
+class Reconciler:
+    """Holds the clients and caches one operator process shares across ModelDeployments."""
+
+    def __init__(self, settings: OperatorSettings, kube: Kube | None = None):
+        self.settings = settings
+        self.kube = kube or Kube()
+        self.fleet = FleetCache(self.kube)
+        self._tokens: dict[str, str] = {}
+        self._pod_monitor: tuple[float, bool] = (0.0, False)
+        self._lock = threading.Lock()
+
+    # --- pieces -------------------------------------------------------------------------------
+
+    def has_pod_monitor_crd(self) -> bool:
+        at, present = self._pod_monitor
+        if time.monotonic() - at > 60:
+            present = self.kube.find("CustomResourceDefinition", None, POD_MONITOR_CRD) is not None
+            self._pod_monitor = (time.monotonic(), present)
+        return present
+
+    def token(self, md: ModelDeployment) -> str:
+        """The Ray cluster's token Secret: created once with a random token, then only read."""
+        key = f"{md.namespace}/{md.name}/{md.metadata.uid}"
+        if key in self._tokens:
+            return self._tokens[key]
+        name = naming.ray_token_name(md)
+        secret = self.kube.find("Secret", md.namespace, name)
+        if secret is None:
+            self.kube.create(ray_token_secret(md, secrets.token_urlsafe(32)))
+            secret = self.kube.get("Secret", md.namespace, name)
+        value = base64.b64decode(secret["data"]["token"]).decode()
+        self._tokens[key] = value
+        return value
+
+    def capacity(self, md: ModelDeployment, own_bound: int, want: int | None = None) -> Verdict:
+        nodes, pods = self.fleet.snapshot()
+        tolerations = worker_pod_template(md, self.settings)["spec"].get("tolerations", [])
+        return judge(md, nodes, pods, own_bound, tolerations, want)
+
+    def apply_children(self, md: ModelDeployment, own_bound: int) -> None:
+        self.token(md)
+        surge = not self.capacity(md, own_bound, want=md.spec.replicas + 1).limited
+        for child in build_children(
+            md, self.settings, surge=surge, with_pod_monitor=self.has_pod_monitor_crd()
+        ):
+            self.kube.apply(child)
+        self.fleet.invalidate()
+
+    def observe_workers(self, md: ModelDeployment) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        selector = naming.selector_string(md)
+        pods = [
+            p
+            for p in self.kube.list("Pod", md.namespace, selector)
+            if not p["metadata"].get("deletionTimestamp")
+        ]
+        deployment = self.kube.find("Deployment", md.namespace, naming.workers_name(md))
+        return pods, deployment
+
+    def serve(self, md: ModelDeployment, head_ready: bool) -> str:
+        """Bring the Serve application in line with the spec; say how it stands."""
+        if not head_ready:
+            return "waiting for the Ray head"
+        url = self.settings.dashboard_url.format(head=naming.head_name(md), namespace=md.namespace)
+        dash = Dashboard(url, self.token(md), self.settings.dashboard_timeout_seconds)
+        try:
+            state = dash.state(md.name)
+            if not state.reachable:
+                return state.status
+            want = serve_config(md)
+            app = want["applications"][0]
+            deployed = state.config or {}
+            stale = (
+                deployed.get("import_path") != IMPORT_PATH
+                or deployed.get("args") != app["args"]
+                or state.target != md.spec.replicas
+            )
+            if state.status == "NOT_DEPLOYED" or stale:
+                dash.deploy(want)
+                return f"deploying ({md.spec.replicas} replicas)"
+            return f"{state.status}, {state.running}/{md.spec.replicas} replicas running" + (
+                f": {state.message}" if state.message else ""
+            )
+        except Exception as err:  # the dashboard is best effort; status says what failed
+            return f"deploy failed: {type(err).__name__}: {err}"
+        finally:
+            dash.close()
+
+    # --- the whole thing ----------------------------------------------------------------------
+
+    def observe(
+        self, md: ModelDeployment, pods: list[dict[str, Any]], head: dict[str, Any] | None
+    ) -> Observation:
+        from modelfleet.operator.pods import spec_hash
+
+        current = spec_hash(md, self.settings)
+        ready = updated = 0
+        unschedulable = crashing = ""
+        for pod in pods:
+            conditions = {c["type"]: c for c in pod.get("status", {}).get("conditions") or []}
+            if conditions.get("Ready", {}).get("status") == "True":
+                ready += 1
+            if pod["metadata"].get("annotations", {}).get(naming.SPEC_HASH) == current:
+                updated += 1
+            sched = conditions.get("PodScheduled", {})
+            if (
+                sched.get("status") == "False"
+                and sched.get("reason") == "Unschedulable"
+                and not unschedulable
+            ):
+                unschedulable = f"pod {pod['metadata']['name']}: {sched.get('message', 'unschedulable')}"
+            for cs in pod.get("status", {}).get("containerStatuses") or []:
+                waiting = (cs.get("state") or {}).get("waiting") or {}
+                if waiting.get("reason") == "CrashLoopBackOff" and not crashing:
+                    crashing = (
+                        f"pod {pod['metadata']['name']}: container {cs['name']} is crash-looping "
+                        f"({cs.get('restartCount', 0)} restarts): {waiting.get('message', '')}".rstrip(": ")
+                    )
+        head_ready = bool(head and (head.get("status") or {}).get("readyReplicas"))
+        own_bound = sum(1 for p in pods if p.get("spec", {}).get("nodeName"))
+        return Observation(
+            workers=len(pods),
+            ready=ready,
+            updated=updated,
+            head_ready=head_ready,
+            serve=self.serve(md, head_ready),
+            capacity=self.capacity(md, own_bound),
+            unschedulable=unschedulable,
+            crashing=crashing,
+        )
+
+    def reconcile(
+        self, body: Any, *, apply_children: bool
+    ) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+        """(new status, events) for one ModelDeployment body."""
+        raw = as_dict(body)
+        previous = dict(raw.get("status") or {})
+        try:
+            md = ModelDeployment.parse(raw)
+        except ManifestError as err:
+            generation = (raw.get("metadata") or {}).get("generation")
+            status = failed_status(
+                raw.get("metadata", {}).get("name", ""), generation, [str(p) for p in err.problems], previous
+            )
+            return status, transitions(previous, status)
+        pods, workers = self.observe_workers(md)
+        head = self.kube.find("Deployment", md.namespace, naming.head_name(md))
+        if apply_children or workers is None or head is None:
+            own_bound = sum(1 for p in pods if p.get("spec", {}).get("nodeName"))
+            self.apply_children(md, own_bound)
+            if head is None:
+                head = self.kube.find("Deployment", md.namespace, naming.head_name(md))
+        status = compute_status(md, self.observe(md, pods, head), previous, self.settings.cluster_domain)
+        return status, transitions(previous, status)
