@@ -7,6 +7,7 @@ carries the kubeconfig or in-cluster credentials).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -131,10 +132,8 @@ class Kube:
             raise
 
     def delete(self, kind: str, namespace: str | None, name: str) -> None:
-        try:
+        with contextlib.suppress(NotFound):
             self.call("DELETE", path(kind, namespace, name), body={"propagationPolicy": "Background"})
-        except NotFound:
-            pass
 
     def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         return self.call(

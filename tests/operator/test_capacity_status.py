@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from manifest_cases import base, with_
+from manifest_cases import with_
 
 from modelfleet.api import parse_manifest
 from modelfleet.operator.capacity import judge
