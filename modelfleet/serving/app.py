@@ -46,9 +46,11 @@ def model_options(settings: ServeSettings, gpu: bool) -> dict[str, Any]:
     return {
         "name": MODEL_DEPLOYMENT,
         "num_replicas": settings.replicas,
-        # A replica takes what its engine can run plus its bounded queue; Serve's router
-        # holds at most `max_queue_depth` more when every replica is full, then 429s.
-        "max_ongoing_requests": settings.max_num_seqs + settings.max_queue_depth,
+        # The replica's own admission check (max_queue_depth waiting) is the real bound;
+        # Serve's per-replica limit sits above it so that the replica, which counts its
+        # queue, is the one that answers 429. Only when every replica is at that limit do
+        # requests wait in Serve's router, at most `max_queue_depth` of them, then 429.
+        "max_ongoing_requests": settings.max_num_seqs + 2 * settings.max_queue_depth,
         "max_queued_requests": settings.max_queue_depth,
         "health_check_period_s": settings.health_check_period_s,
         "health_check_timeout_s": 30.0,

@@ -2,19 +2,19 @@
 the replica's event loop, admits requests against a bounded queue, and turns engine
 deltas into OpenAI responses.
 
-Where requests wait: Serve sends a replica up to `max_num_seqs + max_queue_depth`
-requests at once (its `max_ongoing_requests`), and every request the replica has
-accepted goes straight to the engine, whose scheduler holds it until a sequence slot
-and KV blocks are free. A request counts as waiting from acceptance until its first
-token. When `max_queue_depth` requests are already waiting, the replica answers 429
-at once instead of queueing more. So the waiting requests sit at the replica, where the
-queue-depth metric (the autoscaler's signal) can see them, not in Serve's router.
+Where requests wait: at the replica. Every request a replica accepts goes straight to
+its engine, whose scheduler holds it until a sequence slot and KV blocks are free; it
+counts as waiting from acceptance until its first token. When `max_queue_depth` requests
+are already waiting, the replica answers 429 with Retry-After at once instead of piling
+up more. Serve's own per-replica limit (`max_ongoing_requests`) is set above
+`max_num_seqs + max_queue_depth`, so it is this check, not Serve's router queue, that
+bounds the wait, and the queue-depth metric (the autoscaler's signal) sees every waiting
+request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import time
 import uuid
@@ -60,7 +60,7 @@ class ModelReplica:
     """One engine behind Serve. Methods are called through a DeploymentHandle."""
 
     async def __init__(self, settings: dict[str, Any], hub: Any = None):
-        from modelfleet.engine.config import EngineConfig
+        from modelfleet.engine import EngineConfig, LLMEngine
 
         self.settings = ServeSettings.from_dict(settings)
         s = self.settings
@@ -69,7 +69,6 @@ class ModelReplica:
         self.metrics.max_queue_depth.set(s.max_queue_depth)
         self.admission = Admission(s.max_queue_depth)
         self.fault: str | None = None
-        self._inject_fault = False
         cfg = EngineConfig(
             model=s.model,
             dtype=s.dtype,
@@ -83,7 +82,7 @@ class ModelReplica:
             worker_backend="ray" if s.tensor_parallel_size > 1 else "mp",
         )
         # Loading is synchronous (weights, workers); keep the replica's loop free meanwhile.
-        self.engine = await asyncio.to_thread(_import(s.engine_class), cfg)
+        self.engine = await asyncio.to_thread(LLMEngine, cfg)
         await self.engine.start()
         self.max_model_len: int = self.engine.max_model_len
         self._hub = hub
@@ -150,10 +149,19 @@ class ModelReplica:
         }
 
     async def inject_fault(self) -> None:
-        """Make the next request fail inside the engine (recovery tests)."""
+        """Make the engine's next model step raise, as a broken device would (recovery tests)."""
         if not self.settings.enable_fault_injection:
             raise errors.APIError(403, "fault injection is disabled")
-        self._inject_fault = True
+        runner = self.engine.runner
+        original = runner.call
+
+        def failing(method: str, *args: Any, **kwargs: Any) -> Any:
+            if method == "run":
+                runner.call = original
+                raise RuntimeError("injected fault in the model step")
+            return original(method, *args, **kwargs)
+
+        runner.call = failing
 
     # -- the path of a request -----------------------------------------------------------
 
@@ -199,7 +207,7 @@ class ModelReplica:
                 raise
             except Exception as exc:
                 raise errors.bad_request(f"The chat template failed: {exc}", "messages") from None
-            prompts = [tok.encode(text)]
+            prompts = [tok.encode(text, add_special_tokens=False)]  # the template has them
             limit, logprobs = request.limit(), request.engine_logprobs()
         budgets = []
         for ids in prompts:
@@ -221,7 +229,7 @@ class ModelReplica:
     def _sampling_params(
         self, base: dict[str, Any], seed: int | None, max_tokens: int, logprobs: int | None
     ) -> Any:
-        from modelfleet.engine.params import SamplingParams
+        from modelfleet.engine import SamplingParams
 
         try:
             return SamplingParams(**{**base, "seed": seed, "max_tokens": max_tokens, "logprobs": logprobs})
@@ -235,8 +243,7 @@ class ModelReplica:
             raise errors.bad_request(str(exc), getattr(exc, "param", None)) from None
 
     def _generate(self, writer: ResponseWriter, jobs: list[tuple[list[int], Any]]) -> Run:
-        fault, self._inject_fault = self._inject_fault, False
-        return Run(self, writer, jobs, fault)
+        return Run(self, writer, jobs)
 
     def _fail(self, exc: BaseException) -> errors.APIError:
         if isinstance(exc, errors.APIError):
@@ -265,11 +272,6 @@ class ModelReplica:
             await asyncio.sleep(PUSH_INTERVAL_S)
 
 
-def _import(path: str) -> Any:
-    module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 def _replica_id() -> str:
     try:
         from ray import serve
@@ -288,9 +290,7 @@ class Run:
     KV blocks) and settles the admission counts; it is safe to call more than once.
     """
 
-    def __init__(
-        self, replica: ModelReplica, writer: ResponseWriter, jobs: list[tuple[list[int], Any]], fault: bool
-    ):
+    def __init__(self, replica: ModelReplica, writer: ResponseWriter, jobs: list[tuple[list[int], Any]]):
         self.replica = replica
         self.writer = writer
         self.started = False
@@ -299,15 +299,13 @@ class Run:
         self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         request_id = uuid.uuid4().hex
         self.tasks = [
-            asyncio.create_task(self._pump(i, f"{request_id}-{i}", prompt, params, fault))
+            asyncio.create_task(self._pump(i, f"{request_id}-{i}", prompt, params))
             for i, (prompt, params) in enumerate(jobs)
         ]
 
-    async def _pump(self, i: int, request_id: str, prompt: list[int], params: Any, fault: bool) -> None:
+    async def _pump(self, i: int, request_id: str, prompt: list[int], params: Any) -> None:
         gen = self.replica.engine.generate(prompt, params, request_id=request_id)
         try:
-            if fault:
-                raise RuntimeError("injected engine fault")
             async for out in gen:
                 self.queue.put_nowait((i, out))
             self.queue.put_nowait((i, None))

@@ -42,8 +42,6 @@ class ServeSettings:
     """The key itself (local use); otherwise read from `api_key_env` in the ingress."""
     api_key_env: str = API_KEY_ENV
     health_check_period_s: float = 2.0
-    engine_class: str = "modelfleet.engine:LLMEngine"
-    """Import path of the engine class (an engine with the same interface can stand in)."""
     enable_fault_injection: bool = False
     """Adds a handle method that breaks the engine; for recovery tests only."""
 
