@@ -212,3 +212,16 @@ def test_settings_from_environment():
         OperatorSettings.from_env({"MODELFLEET_HEALTH_PORT": "eighty"})
     with pytest.raises(ValueError, match="LOG_FORMAT"):
         OperatorSettings.from_env({"MODELFLEET_LOG_FORMAT": "xml"})
+
+
+def test_drain_waits_for_the_replica_to_stop(tmp_path):
+    import threading
+
+    from modelfleet.operator.drain import wait_until_stopped
+
+    ready = tmp_path / "ready"
+    ready.write_text("1")
+    threading.Timer(0.3, ready.unlink).start()
+    assert wait_until_stopped(str(ready), timeout=10, poll=0.05)
+    ready.write_text("1")
+    assert not wait_until_stopped(str(ready), timeout=0.2, poll=0.05)
