@@ -1,0 +1,1 @@
+"""Queue-depth autoscaling: a pure policy, a Prometheus reader, and the loop that writes /scale."""
