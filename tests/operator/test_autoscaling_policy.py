@@ -90,11 +90,15 @@ def test_scale_down_holds_while_running_load_needs_the_replicas():
 
 
 def test_a_queue_spike_restarts_the_down_window():
-    _, mem = run(Signals(0, 0, 3, 3, 99), now=0)
-    _, mem = run(Signals(30, 0, 3, 3, 99), mem=mem, now=30)
-    d, mem = run(Signals(0, 0, 3, 3, 99), mem=mem, now=61)
+    spec = SPEC.model_copy(update={"max_replicas": 3})
+    _, mem = run(Signals(0, 0, 3, 3, 99), spec, now=0)
+    d, mem = run(Signals(30, 0, 3, 3, 99), spec, mem=mem, now=30)
+    assert (d.desired, d.reason) == (3, "AtMaximum")
+    d, mem = run(Signals(0, 0, 3, 3, 99), spec, mem=mem, now=61)
     assert d.reason == "Steady"
-    d, _ = run(Signals(0, 0, 3, 3, 99), mem=mem, now=92)
+    d, _ = run(Signals(0, 0, 3, 3, 99), spec, mem=mem, now=91)
+    assert d.reason == "Steady"
+    d, _ = run(Signals(0, 0, 3, 3, 99), spec, mem=mem, now=121)
     assert d.reason == "ScaleDown"
 
 

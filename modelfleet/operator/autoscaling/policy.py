@@ -92,13 +92,13 @@ def decide(
                 f"{s.queue:g} waiting on {s.ready} ready replica(s) ({per_replica:.1f} each, target "
                 f"{target:g}): {need} replicas wanted"
             )
-            if cut and want <= s.current:
-                return Decision(
-                    s.current, "CapacityLimited", message + f"; the fleet holds {s.placeable}", True
-                ), mem
-            return Decision(
-                want, "ScaleUp", message + (f"; the fleet holds {s.placeable}" if cut else ""), cut
-            ), mem
+            if want > s.current:
+                note = f"; the fleet holds {s.placeable}" if cut else ""
+                return Decision(want, "ScaleUp", message + note, cut), mem
+            if cut:
+                held = f"; the fleet holds {s.placeable}"
+                return Decision(s.current, "CapacityLimited", message + held, True), mem
+            return Decision(s.current, "AtMaximum", message + f"; maxReplicas is {spec.max_replicas}"), mem
         return Decision(
             s.current, "Steady", f"{s.current} replicas (some loading) cover {s.queue:g} waiting"
         ), mem
