@@ -11,118 +11,17 @@ side by side:
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import socket
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-API_KEY = "test-key-0123456789"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def eventually(check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.25) -> Any:
-    """Poll until `check()` returns a truthy value; fail with the last value or error."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except Exception as err:
-            last = err
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s; last: {last!r}")
-
-
-def write_hf_checkpoint(path: Path, seed: int = 0) -> Any:
-    """A random-weight Llama saved by transformers, with the builtin model's tokenizer."""
-    import torch
-    import transformers
-
-    from modelfleet.engine.builtin import materialize
-
-    tiny = materialize()
-    vocab = len(json.loads((tiny / "tokenizer.json").read_text())["model"]["vocab"]) + 16
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.15 + (1.0 if "norm" in name else 0.0))
-    model.save_pretrained(path, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (tiny / name).exists():
-            shutil.copy(tiny / name, path / name)
-    return model
-
-
-@dataclass
-class App:
-    name: str
-    base: str  # http://127.0.0.1:PORT/prefix
-    served_name: str
-    api_key: str | None = None
-
-    @property
-    def v1(self) -> str:
-        return f"{self.base}/v1"
-
-    def client(self, **kw: Any) -> Any:
-        import openai
-
-        return openai.OpenAI(base_url=self.v1, api_key=self.api_key or "unused", max_retries=0, **kw)
-
-    def async_client(self, **kw: Any) -> Any:
-        import openai
-
-        return openai.AsyncOpenAI(base_url=self.v1, api_key=self.api_key or "unused", max_retries=0, **kw)
-
-    def metrics(self) -> str:
-        return httpx.get(f"{self.base}/metrics", timeout=10).text
-
-    def handle(self) -> Any:
-        from ray import serve
-
-        from modelfleet.serving.app import MODEL_DEPLOYMENT
-
-        return serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=self.name)
-
-    def stats(self) -> dict[str, Any]:
-        return self.handle().stats.remote().result(timeout_s=30)
-
-
-@dataclass
-class Serving:
-    main: App
-    small: App
-    tp2: App
-    checkpoint: Path
+from serving_support import API_KEY, App, Serving, eventually, free_port, write_hf_checkpoint
 
 
 @pytest.fixture(scope="session")

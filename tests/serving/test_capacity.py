@@ -1,0 +1,112 @@
+"""The `small` app has one sequence slot and a queue of one: a full queue answers 429, a
+cancelled stream gives its slot back, and an engine fault is a 500 after which Serve
+replaces the replica."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import openai
+from serving_support import eventually
+
+LONG = {"model": "small", "prompt": "Go on and on", "max_tokens": 1500, "stream": True, "ignore_eos": True}
+
+
+class Stream:
+    """A raw SSE stream read in a thread, so a test can hold it open and then drop it."""
+
+    def __init__(self, url: str, body: dict):
+        self.client = httpx.Client(timeout=120)
+        self.first = threading.Event()
+        self.events = 0
+        self.status: int | None = None
+        self._cm = self.client.stream("POST", url, json=body)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            with self._cm as r:
+                self.status = r.status_code
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        self.events += 1
+                        self.first.set()
+        except httpx.HTTPError:
+            pass
+        finally:
+            self.first.set()
+
+    def close(self) -> None:
+        self.client.close()  # drops the connection mid-stream
+        self._thread.join(30)
+
+
+def _idle(app) -> dict | None:
+    st = app.stats()
+    return st if st["waiting"] == 0 and st["running"] == 0 and st["engine_running"] == 0 else None
+
+
+def test_full_queue_answers_429_then_service_resumes(serving):
+    app = serving.small
+    url = f"{app.v1}/completions"
+    running = Stream(url, LONG)
+    assert running.first.wait(60) and running.status == 200
+    waiting = Stream(url, {**LONG, "max_tokens": 4})  # no slot free: it waits at the replica
+    eventually(lambda: app.stats()["waiting"] == 1, 30)
+    resp = httpx.post(url, json={"model": "small", "prompt": "Hi", "max_tokens": 4}, timeout=30)
+    assert resp.status_code == 429, resp.text
+    assert resp.headers["retry-after"] == "1"
+    err = resp.json()["error"]
+    assert err["type"] == "rate_limit_error" and err["code"] == "queue_full"
+    with_client = app.client()
+    try:
+        with_client.completions.create(model="small", prompt="Hi", max_tokens=4)
+        raise AssertionError("expected 429")
+    except openai.RateLimitError:
+        pass
+    running.close()
+    waiting.first.wait(60)
+    waiting._thread.join(60)
+    assert waiting.status == 200
+    eventually(lambda: _idle(app), 60)
+    out = app.client().completions.create(model="small", prompt="Hi", max_tokens=4)
+    assert out.choices[0].text is not None
+    eventually(lambda: 'status="429"' in app.metrics(), 30)
+
+
+def test_cancelled_stream_frees_its_slot(serving):
+    app = serving.small
+    eventually(lambda: _idle(app), 60)
+    before = app.handle().stats.remote().result()["kv_blocks_used"]
+    stream = Stream(f"{app.v1}/completions", {**LONG, "max_tokens": 2000})
+    assert stream.first.wait(60)
+    eventually(lambda: stream.events >= 3, 30)
+    stream.close()
+    # The engine stops the 2000-token request: nothing runs, its KV blocks are back.
+    st = eventually(lambda: _idle(app), 60)
+    assert st["kv_blocks_used"] <= before
+    eventually(lambda: 'status="499"' in app.metrics(), 30)  # the ingress saw the client go
+    # The single slot serves the next request.
+    out = app.client().completions.create(model="small", prompt="Next", max_tokens=4)
+    assert out.usage.completion_tokens >= 1
+
+
+def test_engine_fault_is_500_and_the_replica_is_replaced(serving):
+    app = serving.small
+    before = app.stats()["replica"]
+    app.handle().inject_fault.remote().result()
+    try:
+        app.client().completions.create(model="small", prompt="Hi", max_tokens=4)
+        raise AssertionError("expected a 500")
+    except openai.InternalServerError as err:
+        assert err.body["type"] == "server_error"
+        assert "injected fault" in err.body["message"]
+
+    def recovered() -> bool:
+        out = app.client(timeout=30).completions.create(model="small", prompt="Hi", max_tokens=4)
+        return bool(out.choices)
+
+    eventually(recovered, 180, interval=1.0)
+    assert app.stats()["replica"] != before
