@@ -12,6 +12,7 @@ side by side:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,8 +31,9 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
     from ray import serve
 
     from modelfleet.serving.app import build_application
-    from modelfleet.serving.settings import ServeSettings
+    from modelfleet.serving.settings import API_KEY_ENV, ServeSettings
 
+    os.environ.pop(API_KEY_ENV, None)  # replicas inherit it: only the tp2 app has a key
     ckpt = tmp_path_factory.mktemp("hf-llama")
     write_hf_checkpoint(ckpt)
     # Logical CPUs: every replica bundle (1 + 1 + 2) fits; the two real cores are shared.

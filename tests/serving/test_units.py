@@ -1,0 +1,208 @@
+"""Pure pieces of the serving layer, without Ray: placement, request parsing, settings,
+the metrics merge, and response framing."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from modelfleet.serving.errors import APIError, queue_full
+from modelfleet.serving.metrics import IngressMetrics, MetricsStore, ReplicaMetrics
+from modelfleet.serving.placement import STRATEGY, placement_options, replica_bundles
+from modelfleet.serving.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from modelfleet.serving.responses import ResponseWriter
+from modelfleet.serving.settings import ServeSettings, settings_from_deployment
+
+REPO = Path(__file__).resolve().parents[2]
+
+# -- placement ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_gpu_bundles_have_one_gpu_per_rank(tp):
+    bundles = replica_bundles(tp, use_gpu=True)
+    assert len(bundles) == tp
+    assert all(b == {"CPU": 1.0, "GPU": 1.0} for b in bundles)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_cpu_bundles_have_no_gpu(tp):
+    assert replica_bundles(tp, use_gpu=False) == [{"CPU": 1.0}] * tp
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_replica_actor_fits_bundle_zero(gpu):
+    opts = placement_options(2, gpu)
+    assert opts["placement_group_strategy"] == STRATEGY == "STRICT_PACK"
+    first = opts["placement_group_bundles"][0]
+    actor = opts["ray_actor_options"]
+    assert actor["num_cpus"] <= first.get("CPU", 0)
+    assert actor["num_gpus"] <= first.get("GPU", 0)
+
+
+def test_bundles_reject_zero_ranks():
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        replica_bundles(0, use_gpu=False)
+
+
+# -- request parsing ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x"}, "model"),
+        ({"model": "m"}, "prompt"),
+        ({"model": "m", "prompt": "x", "temperature": -1}, "temperature"),
+        ({"model": "m", "prompt": "x", "top_p": 1.5}, "top_p"),
+        ({"model": "m", "prompt": "x", "n": 100}, "n"),
+        ({"model": "m", "prompt": "x", "max_tokens": "many"}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "stop": ""}, "stop"),
+        ({"model": "m", "prompt": "x", "echo": True}, "echo"),
+        ({"model": "m", "prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
+        ({"model": "m", "prompt": [[]]}, "prompt"),
+    ],
+)
+def test_bad_completion_fields_name_the_parameter(body, param):
+    with pytest.raises(APIError) as info:
+        parse_request(CompletionRequest, body)
+    assert info.value.status == 400
+    assert info.value.param == param
+
+
+def test_prompts_normalise_to_a_batch():
+    def prompts(p):
+        return parse_request(CompletionRequest, {"model": "m", "prompt": p}).prompts()
+
+    assert prompts("hi") == ["hi"]
+    assert prompts([1, 2, 3]) == [[1, 2, 3]]
+    assert prompts(["a", "b"]) == ["a", "b"]
+    assert prompts([[1], [2, 3]]) == [[1], [2, 3]]
+
+
+def test_chat_request_defaults_and_limits():
+    req = parse_request(
+        ChatCompletionRequest,
+        {
+            "model": "m",
+            "messages": [{"role": "developer", "content": [{"type": "text", "text": "be brief"}]}],
+            "max_completion_tokens": 7,
+            "stop": "END",
+        },
+    )
+    assert req.limit() == 7
+    assert req.stop == ["END"]
+    assert req.template_messages() == [{"role": "system", "content": "be brief"}]
+    assert req.engine_logprobs() is None
+    with pytest.raises(APIError) as info:
+        parse_request(ChatCompletionRequest, {"model": "m", "messages": []})
+    assert info.value.param == "messages"
+
+
+def test_body_must_be_an_object():
+    with pytest.raises(APIError) as info:
+        parse_request(CompletionRequest, [1, 2])
+    assert info.value.status == 400
+
+
+def test_api_error_survives_pickling():
+    err = pickle.loads(pickle.dumps(queue_full(3)))
+    assert (err.status, err.code, err.retry_after) == (429, "queue_full", 1)
+    assert err.headers() == {"Retry-After": "1"}
+    assert err.body()["error"]["type"] == "rate_limit_error"
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+def test_settings_from_the_tiny_example():
+    from modelfleet.api import load_manifest
+
+    md = load_manifest(REPO / "examples" / "tiny.yaml")
+    s = settings_from_deployment(md, replicas=3)
+    assert (s.name, s.namespace, s.served_name) == ("tiny", "default", "tiny")
+    assert s.model == "builtin://tiny-llama"
+    assert s.replicas == 3 and s.tensor_parallel_size == 1
+    assert s.max_queue_depth == md.spec.engine.max_queue_depth
+    assert ServeSettings.from_dict(s.to_dict()) == s
+
+
+def test_a_required_key_must_be_given(monkeypatch):
+    monkeypatch.delenv("MODELFLEET_API_KEY", raising=False)
+    s = ServeSettings(name="x", require_api_key=True)
+    with pytest.raises(RuntimeError, match="API key"):
+        s.resolve_api_key()
+    monkeypatch.setenv("MODELFLEET_API_KEY", "k1")
+    assert s.resolve_api_key() == "k1"
+    assert ServeSettings(name="x", api_key="k2").resolve_api_key() == "k2"
+    assert ServeSettings(name="x").resolve_api_key() == "k1"  # a key in the environment is enforced
+    monkeypatch.delenv("MODELFLEET_API_KEY")
+    assert ServeSettings(name="x").resolve_api_key() is None
+
+
+def test_unknown_settings_are_refused():
+    with pytest.raises(ValueError, match="unknown serving settings: bogus"):
+        ServeSettings.from_dict({"name": "x", "bogus": 1})
+
+
+def test_model_options_bound_the_queue():
+    from modelfleet.serving.app import model_options
+
+    s = ServeSettings(name="x", max_num_seqs=8, max_queue_depth=4, replicas=2, tensor_parallel_size=2)
+    opts = model_options(s, gpu=True)
+    assert opts["num_replicas"] == 2
+    assert opts["max_ongoing_requests"] > s.max_num_seqs + s.max_queue_depth
+    assert opts["max_queued_requests"] == 4
+    assert opts["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1.0}] * 2
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+
+def test_metrics_merge_keeps_one_series_per_replica():
+    store = MetricsStore("tiny", "prod")
+    for rid, depth in (("r1", 3), ("r2", 5)):
+        m = ReplicaMetrics("tiny", "prod", rid)
+        m.queue_depth.set(depth)
+        m.ttft.observe(0.2)
+        store.push(rid, "replica", m.text())
+    ing = IngressMetrics("tiny", "prod", "i1")
+    ing.count(200)
+    ing.count(429)
+    store.push("i1", "ingress", ing.text())
+    page = store.render()
+    assert page.count("# TYPE modelfleet_queue_depth gauge") == 1
+    assert 'modelfleet_queue_depth{model_deployment="tiny",namespace="prod",replica="r1"} 3.0' in page
+    assert 'modelfleet_queue_depth{model_deployment="tiny",namespace="prod",replica="r2"} 5.0' in page
+    assert 'modelfleet_replicas_ready{model_deployment="tiny",namespace="prod"} 2.0' in page
+    assert 'status="429"} 1.0' in page
+    assert "_created" not in page
+
+
+def test_stale_sources_are_dropped():
+    store = MetricsStore("tiny", "default", stale_after_s=0.0)
+    store.push("r1", "replica", ReplicaMetrics("tiny", "default", "r1").text())
+    assert store.ready_replicas() == 0
+    assert 'modelfleet_replicas_ready{model_deployment="tiny",namespace="default"} 0.0' in store.render()
+
+
+# -- response framing --------------------------------------------------------------------------
+
+
+def test_chat_stream_frames():
+    w = ResponseWriter("chat", "tiny", 1, want_logprobs=False, include_usage=True)
+    w.prompt_tokens = 4
+    assert '"role":"assistant"' in w.opening()
+    w.record(0, "Hi", 1, None, None)
+    assert '"content":"Hi"' in w.delta_chunk(0, "Hi", None, None)
+    w.record(0, "", 1, None, "length")
+    last = w.delta_chunk(0, "", None, "length")
+    assert '"delta":{}' in last and '"finish_reason":"length"' in last
+    closing = w.closing()
+    assert closing.endswith("data: [DONE]\n\n")
+    assert '"total_tokens":6' in closing
+    body = w.body()
+    assert body["choices"][0]["message"]["content"] == "Hi"
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
