@@ -39,7 +39,18 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.reconciler = Reconciler(SETTINGS)
 
 
-def _write(trigger: str, body: Any, patch: kopf.Patch, memo: kopf.Memo, apply_children: bool) -> None:
+def _finish(body: Any, patch: kopf.Patch, status: dict[str, Any], events: list[tuple[str, str, str]]) -> None:
+    previous = dict(body.get("status") or {})
+    if status != previous:
+        patch.status.update(status)
+    for kind, reason, message in events:
+        kopf.event(body, type=kind, reason=reason, message=message)
+    key = f"{body['metadata'].get('namespace')}/{body['metadata']['name']}"
+    _phases[key] = status.get("phase", "Pending")
+    _count_phases()
+
+
+def _reconcile(trigger: str, body: Any, memo: kopf.Memo, apply_children: bool) -> tuple[dict, list]:
     started = time.perf_counter()
     try:
         status, events = memo.reconciler.reconcile(body, apply_children=apply_children)
@@ -49,14 +60,8 @@ def _write(trigger: str, body: Any, patch: kopf.Patch, memo: kopf.Memo, apply_ch
     finally:
         RECONCILE_SECONDS.labels(trigger).observe(time.perf_counter() - started)
     RECONCILES.labels(trigger, "ok").inc()
-    previous = dict(body.get("status") or {})
-    if status != previous:
-        patch.status.update(status)
-    for kind, reason, message in events:
-        kopf.event(body, type=kind, reason=reason, message=message)
-    key = f"{body['metadata'].get('namespace')}/{body['metadata']['name']}"
-    _phases[key] = status.get("phase", "Pending")
-    _count_phases()
+    memo.last_refresh = time.monotonic()
+    return status, events
 
 
 def _count_phases() -> None:
@@ -69,23 +74,27 @@ def _count_phases() -> None:
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 def reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, reason: str, **_: Any) -> None:
     """Create or change: apply every child, then report."""
-    _write(str(reason), body, patch, memo, apply_children=True)
+    status, events = _reconcile(str(reason), body, memo, apply_children=True)
+    _finish(body, patch, status, events)
 
 
-@kopf.timer(
-    GROUP,
-    VERSION,
-    PLURAL,
-    interval=SETTINGS.reconcile_interval_seconds,
-    initial_delay=SETTINGS.reconcile_interval_seconds,
-)
-def refresh(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    """Every few seconds: observe pods, Serve and capacity; recreate children that went missing."""
-    _write("timer", body, patch, memo, apply_children=False)
+TICK = min(SETTINGS.autoscale_interval_seconds, SETTINGS.reconcile_interval_seconds)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=TICK, initial_delay=TICK)
+def tick(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """Every tick: autoscale; every reconcile interval also observe pods, Serve and capacity and
+    recreate children that went missing. One timer, so one writer of status at a time."""
+    status, events = dict(body.get("status") or {}), []
+    if time.monotonic() - memo.get("last_refresh", 0.0) >= SETTINGS.reconcile_interval_seconds:
+        status, events = _reconcile("timer", body, memo, apply_children=False)
+    status, scaled = memo.reconciler.autoscale(body, status)
+    _finish(body, patch, status, events + scaled)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-def deleted(body: kopf.Body, **_: Any) -> None:
-    """Children go with their owner (garbage collection); only forget the phase."""
+def deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Children go with their owner (garbage collection); only forget the phase and scaler memory."""
+    memo.reconciler.autoscaler.forget(f"{body['metadata'].get('namespace')}/{body['metadata']['name']}")
     _phases.pop(f"{body['metadata'].get('namespace')}/{body['metadata']['name']}", None)
     _count_phases()

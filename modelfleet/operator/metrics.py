@@ -18,3 +18,16 @@ RECONCILE_SECONDS = Histogram(
 PHASES = Gauge(
     "modelfleet_operator_modeldeployments", "ModelDeployments this operator manages, by phase", ["phase"]
 )
+SCALE_DECISIONS = Counter(
+    "modelfleet_operator_autoscale_decisions_total",
+    "Autoscaler decisions that changed replicas, by reason",
+    ["reason"],
+)
+DESIRED = Gauge(
+    "modelfleet_operator_desired_replicas", "Replicas the autoscaler wants", ["namespace", "model_deployment"]
+)
+QUEUE = Gauge(
+    "modelfleet_operator_observed_queue_depth",
+    "Queue depth the autoscaler last read",
+    ["namespace", "model_deployment"],
+)

@@ -15,14 +15,23 @@ from typing import Any
 
 from modelfleet.api import ManifestError, ModelDeployment
 from modelfleet.operator import naming
+from modelfleet.operator.autoscaling.loop import Autoscaler
 from modelfleet.operator.capacity import Verdict, judge
 from modelfleet.operator.children import build_children, ray_token_secret
 from modelfleet.operator.dashboard import Dashboard
 from modelfleet.operator.kube import FleetCache, Kube
+from modelfleet.operator.metrics import DESIRED, QUEUE, SCALE_DECISIONS
 from modelfleet.operator.pods import worker_pod_template
 from modelfleet.operator.serveconfig import IMPORT_PATH, serve_config
 from modelfleet.operator.settings import OperatorSettings
-from modelfleet.operator.status import Observation, compute_status, failed_status, transitions
+from modelfleet.operator.status import (
+    Observation,
+    compute_status,
+    failed_status,
+    now,
+    set_condition,
+    transitions,
+)
 
 log = logging.getLogger("modelfleet.operator")
 
@@ -43,6 +52,7 @@ class Reconciler:
         self.fleet = FleetCache(self.kube)
         self._tokens: dict[str, str] = {}
         self._pod_monitor: tuple[float, bool] = (0.0, False)
+        self.autoscaler = Autoscaler(timeout=settings.prometheus_timeout_seconds)
         self._lock = threading.Lock()
 
     # --- pieces -------------------------------------------------------------------------------
@@ -187,3 +197,96 @@ class Reconciler:
                 head = self.kube.find("Deployment", md.namespace, naming.head_name(md))
         status = compute_status(md, self.observe(md, pods, head), previous, self.settings.cluster_domain)
         return status, transitions(previous, status)
+
+    # --- autoscaling ----------------------------------------------------------------------------
+
+    def own_bound(self, md: ModelDeployment) -> int:
+        """This deployment's worker pods bound to a node, from the shared fleet snapshot."""
+        _, pods = self.fleet.snapshot()
+        selector = naming.selector(md, naming.COMPONENT_WORKER)
+        return sum(
+            1
+            for p in pods
+            if p["metadata"].get("namespace") == md.namespace
+            and p.get("spec", {}).get("nodeName")
+            and all((p["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())
+        )
+
+    def autoscale(
+        self, body: Any, status: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+        """One autoscaler round: (status with the autoscaler's fields, events); writes /scale on a change."""
+        raw = as_dict(body)
+        try:
+            md = ModelDeployment.parse(raw)
+        except ManifestError:
+            return status, []
+        auto = md.spec.autoscaling
+        if not auto.enabled:
+            return status, []
+        key = f"{md.namespace}/{md.name}"
+        placeable = self.capacity(md, self.own_bound(md), want=auto.max_replicas).placeable
+        url = auto.prometheus_url or self.settings.prometheus_url
+        tick = self.autoscaler.tick(
+            key,
+            auto,
+            md.spec.engine.max_num_seqs,
+            url,
+            md.namespace,
+            md.name,
+            md.spec.replicas,
+            int(status.get("readyReplicas") or 0),
+            placeable,
+        )
+        generation = md.metadata.generation
+        at = now()
+        status = dict(status)
+        conditions = list(status.get("conditions") or [])
+        events: list[tuple[str, str, str]] = []
+        if tick.decision is None:
+            old = next((c for c in conditions if c.get("type") == "AutoscalingActive"), {})
+            conditions = set_condition(
+                conditions,
+                "AutoscalingActive",
+                False,
+                "MetricsUnavailable",
+                f"keeping {md.spec.replicas} replicas: {tick.error}",
+                generation,
+                at,
+            )
+            if old.get("reason") != "MetricsUnavailable":
+                events.append(("Warning", "MetricsUnavailable", tick.error))
+            status["conditions"] = conditions
+            return status, events
+        decision = tick.decision
+        assert tick.load is not None
+        conditions = set_condition(
+            conditions, "AutoscalingActive", True, decision.reason, decision.message, generation, at
+        )
+        if decision.capacity_limited:
+            conditions = set_condition(
+                conditions, "CapacityLimited", True, "AutoscalerCapped", decision.message, generation, at
+            )
+        status.update(
+            {
+                "conditions": conditions,
+                "desiredReplicas": decision.desired,
+                "observedQueueDepth": round(tick.load.queue, 3),
+            }
+        )
+        QUEUE.labels(md.namespace, md.name).set(tick.load.queue)
+        DESIRED.labels(md.namespace, md.name).set(decision.desired)
+        if decision.desired != md.spec.replicas:
+            self.kube.call(
+                "PATCH",
+                f"/apis/modelfleet.dev/v1alpha1/namespaces/{md.namespace}/modeldeployments/{md.name}/scale",
+                body={"spec": {"replicas": decision.desired}},
+                content_type="application/merge-patch+json",
+            )
+            SCALE_DECISIONS.labels(decision.reason).inc()
+            status["lastScaleTime"] = at
+            verb = "ScaledUp" if decision.desired > md.spec.replicas else "ScaledDown"
+            events.append(
+                ("Normal", verb, f"{md.spec.replicas} -> {decision.desired} replicas: {decision.message}")
+            )
+        return status, events

@@ -20,6 +20,10 @@ class OperatorSettings:
     """Pull policy of the serving pods."""
     prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
     """Prometheus the autoscaler asks when a ModelDeployment names none."""
+    prometheus_timeout_seconds: float = 3.0
+    """Timeout of each Prometheus query; a slower answer counts as metrics unavailable."""
+    autoscale_interval_seconds: float = 2.0
+    """How often the autoscaler reads the queue depth of each autoscaled ModelDeployment."""
     watch_namespaces: tuple[str, ...] = ()
     """Namespaces to watch, comma-separated; empty means all namespaces."""
     log_format: str = "text"
