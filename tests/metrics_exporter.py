@@ -37,7 +37,8 @@ class MetricsExporter:
         lines = ["# TYPE modelfleet_queue_depth gauge"]
         lines += [f'modelfleet_queue_depth{{{labels},replica="{r}"}} {v}' for r, v in queue.items()]
         lines.append("# TYPE modelfleet_running_requests gauge")
-        lines += [f'modelfleet_running_requests{{{labels},replica="{r}"}} {v}' for r, v in (running or {}).items()]
+        running_series = (running or {}).items()
+        lines += [f'modelfleet_running_requests{{{labels},replica="{r}"}} {v}' for r, v in running_series]
         self.text = "\n".join(lines) + "\n"
 
     def __enter__(self) -> MetricsExporter:
