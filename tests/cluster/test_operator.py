@@ -19,7 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from metrics_exporter import MetricsExporter
+
 from e2e.cluster import Cluster, free_port
+from e2e.prometheus import PrometheusServer
 from e2e.waiting import eventually
 
 pytestmark = pytest.mark.cluster
@@ -31,8 +34,8 @@ H100 = "NVIDIA-H100-80GB-HBM3"
 class Operator:
     """`modelfleet operator` as a child process with its log in a file."""
 
-    def __init__(self, cluster: Cluster, log: Path):
-        self.cluster, self.log = cluster, log
+    def __init__(self, cluster: Cluster, log: Path, prometheus_url: str):
+        self.cluster, self.log, self.prometheus_url = cluster, log, prometheus_url
         self.health_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -46,6 +49,8 @@ class Operator:
             "MODELFLEET_HEALTH_PORT": str(self.health_port),
             "MODELFLEET_METRICS_PORT": str(free_port()),
             "MODELFLEET_SERVING_IMAGE": "modelfleet:test",
+            "MODELFLEET_PROMETHEUS_URL": self.prometheus_url,
+            "MODELFLEET_AUTOSCALE_INTERVAL_SECONDS": "1",
         }
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
@@ -83,8 +88,22 @@ class Operator:
 
 
 @pytest.fixture(scope="module")
-def operator(cluster: Cluster, crd: str, tmp_path_factory) -> Iterator[Operator]:
-    op = Operator(cluster, tmp_path_factory.mktemp("operator") / "operator.log")
+def exporter() -> Iterator[MetricsExporter]:
+    with MetricsExporter() as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def prometheus(exporter: MetricsExporter, tmp_path_factory) -> Iterator[PrometheusServer]:
+    with PrometheusServer([exporter.address], "1s", workdir=tmp_path_factory.mktemp("prometheus")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def operator(
+    cluster: Cluster, crd: str, prometheus: PrometheusServer, tmp_path_factory
+) -> Iterator[Operator]:
+    op = Operator(cluster, tmp_path_factory.mktemp("operator") / "operator.log", prometheus.url)
     op.start()
     yield op
     op.stop()
@@ -336,3 +355,73 @@ def test_malformed_object_is_failed_and_the_operator_keeps_going(
     apply(cluster, namespace, manifest("healthy"))
     eventually(lambda: md_status(cluster, namespace, "healthy").get("phase") == "Ready", timeout=90)
     assert operator.proc is not None and operator.proc.poll() is None
+
+
+def scale_writes(cluster: Cluster, namespace: str, name: str) -> list[dict]:
+    fields = get(cluster, namespace, "md", name, "--show-managed-fields")["metadata"].get("managedFields", [])
+    return [f for f in fields if f.get("subresource") == "scale"]
+
+
+def test_autoscaler_writes_through_scale_and_respects_capacity(
+    cluster: Cluster, namespace: str, operator: Operator, exporter: MetricsExporter
+):
+    auto = {
+        "enabled": True,
+        "minReplicas": 1,
+        "maxReplicas": 2,
+        "targetQueueDepth": 4,
+        "scaleDownStabilizationSeconds": 0,
+    }
+    exporter.set(namespace, "auto", {"r1": 100.0}, {"r1": 8})
+    apply(cluster, namespace, manifest("auto", autoscaling=auto))
+    eventually(lambda: get(cluster, namespace, "md", "auto")["spec"]["replicas"] == 2, timeout=60)
+    assert scale_writes(cluster, namespace, "auto"), "the autoscaler's write must go through /scale"
+    status = eventually(
+        lambda: (s := md_status(cluster, namespace, "auto")).get("desiredReplicas") == 2 and s
+    )
+    assert status["observedQueueDepth"] == 100.0 and status.get("lastScaleTime")
+    assert condition(status, "AutoscalingActive")["status"] == "True"
+    eventually(
+        lambda: get(cluster, namespace, "deployment", "auto-workers")["spec"]["replicas"] == 2, timeout=30
+    )
+    assert serve_target(cluster, namespace, "auto") == 2
+
+    # A replica needing 16 GPUs on one node never fits: hold the count and say why.
+    big = {**auto, "maxReplicas": 4}
+    exporter.set(namespace, "big", {"r1": 100.0})
+    apply(
+        cluster,
+        namespace,
+        manifest(
+            "big", autoscaling=big, engine={"tensorParallelSize": 16}, resources={"cpu": "1", "memory": "1Gi"}
+        ),
+    )
+
+    def capped():
+        s = md_status(cluster, namespace, "big")
+        return condition(s, "CapacityLimited").get("reason") == "AutoscalerCapped" and s
+
+    status = eventually(capped, timeout=60)
+    assert "the fleet holds 0" in condition(status, "CapacityLimited")["message"]
+    assert get(cluster, namespace, "md", "big")["spec"]["replicas"] == 1
+
+    # The burst ends: one step down, again through /scale.
+    exporter.set(namespace, "auto", {"r1": 0.0, "r2": 0.0}, {"r1": 0, "r2": 0})
+    eventually(lambda: get(cluster, namespace, "md", "auto")["spec"]["replicas"] == 1, timeout=60)
+    describe = cluster.kubectl("describe", "md", "auto", "-n", namespace).stdout
+    assert "ScaledUp" in describe and "ScaledDown" in describe
+
+
+def test_missing_metrics_keep_replicas(cluster: Cluster, namespace: str, operator: Operator):
+    auto = {"enabled": True, "minReplicas": 1, "maxReplicas": 3, "scaleDownStabilizationSeconds": 0}
+    apply(cluster, namespace, manifest("blind", replicas=2, autoscaling=auto))
+
+    def unavailable():
+        s = md_status(cluster, namespace, "blind")
+        return condition(s, "AutoscalingActive").get("reason") == "MetricsUnavailable" and s
+
+    status = eventually(unavailable, timeout=60)
+    assert "no sample" in condition(status, "AutoscalingActive")["message"]
+    time.sleep(3)
+    assert get(cluster, namespace, "md", "blind")["spec"]["replicas"] == 2
+    assert not scale_writes(cluster, namespace, "blind")
