@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from metrics_exporter import MetricsExporter
 
 from e2e.cluster import Cluster, free_port
