@@ -118,13 +118,12 @@ def _run(settings: Any, host: str, port: int) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
-    # SIGTERM (a service manager, `kill`) shuts down as cleanly as Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     started = False
     try:
         with console.status("Starting a local Ray instance...") as status:
             _start_ray(settings)
             started = True
+            _stop_on_signals()
             status.update("Deploying the application...")
             _deploy(settings, host, port)
             ok = _wait_until_ready(settings, host, port, status)
@@ -139,6 +138,18 @@ def _run(settings: Any, host: str, port: int) -> int:
     finally:
         if started:
             _stop_ray()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM (a service manager, `kill`) both shut down cleanly. Installed after
+    ray.init, which sets its own SIGTERM handler, and also when started in the background,
+    where the shell leaves SIGINT ignored."""
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _start_ray(settings: Any) -> None:
@@ -182,7 +193,14 @@ def _deploy(settings: Any, host: str, port: int) -> None:
 
     serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
     serve.run_many(
-        [serve.RunTarget(build_application(settings), name=settings.name, route_prefix=APP_ROUTE)],
+        [
+            serve.RunTarget(
+                build_application(settings),
+                name=settings.name,
+                route_prefix=APP_ROUTE,
+                logging_config={"log_level": "WARNING"},
+            )
+        ],
         wait_for_applications_running=False,
     )
 

@@ -1,0 +1,81 @@
+"""`modelfleet serve -f examples/tiny.yaml`, as a user runs it: it prints the endpoint with
+examples once the model is ready, serves the official client, and Ctrl-C leaves no Ray
+process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import openai
+from serving_support import eventually, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_serve_tiny_manifest_then_ctrl_c():
+    port = free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="mf", dir="/tmp")  # short: Ray puts sockets under it
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("MODELFLEET_API_KEY", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelfleet.cli", "serve", "-f", "examples/tiny.yaml", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out: list[str] = []
+    err: list[str] = []
+    readers = [
+        threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True),
+        threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True),
+    ]
+    for r in readers:
+        r.start()
+    try:
+        eventually(lambda: any("Press Ctrl-C" in line for line in out) or proc.poll() is not None, 240)
+        assert proc.poll() is None, "".join(err)[-3000:]
+        banner = "".join(out)
+        assert f"http://127.0.0.1:{port}/v1" in banner
+        assert "curl " in banner and "from openai import OpenAI" in banner
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        chat = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hello!"}], max_tokens=8
+        )
+        assert chat.choices[0].message.content
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for r in readers:
+        r.join(10)
+    assert "Shutting down" in "".join(err)
+    deadline = time.monotonic() + 30
+    while _processes_mentioning(ray_tmp) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_mentioning(ray_tmp) == []
