@@ -50,6 +50,8 @@ class Operator:
             "MODELFLEET_SERVING_IMAGE": "modelfleet:test",
             "MODELFLEET_PROMETHEUS_URL": self.prometheus_url,
             "MODELFLEET_AUTOSCALE_INTERVAL_SECONDS": "1",
+            "MODELFLEET_HEAD_CPU": "100m",
+            "MODELFLEET_HEAD_MEMORY": "128Mi",
         }
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
