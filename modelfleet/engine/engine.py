@@ -401,15 +401,22 @@ class LLMEngine:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._loop_task
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_workers)
+        for req, out in await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._close_workers
+        ):
+            if req.queue is not None:
+                req.queue.put_nowait(out)
         self._executor.shutdown(wait=True)
 
-    def _close_workers(self) -> None:
+    def _close_workers(self) -> list[tuple[_Request, RequestOutput]]:
+        """Abort what is in flight (each gets a last "abort" delta) and stop the ranks."""
         with self._lock:
+            self._drain_control()
+            outputs = []
             for req in list(self._requests.values()):
                 req.finish_reason = "abort"
-                if req.queue is not None:
-                    req.queue.put_nowait(RuntimeError("engine shut down"))
+                self.scheduler.finish(req.seq)
+                outputs.append((req, self._delta(req)))
             self._requests.clear()
             if self.workers is not None:
                 self.runner.call("exit")
@@ -417,6 +424,7 @@ class LLMEngine:
                 self.workers = None
             else:
                 self.runner.exit()
+            return outputs
 
     def close(self) -> None:
         """Synchronous shutdown, for scripts that never started the async loop."""
