@@ -1,0 +1,323 @@
+"""Autoscaling on a step load: modelfleet's queue-depth autoscaler against Ray Serve's own.
+
+One local Ray + Serve, the tiny model, a real Prometheus scraping the application's /metrics.
+The same trace (idle, a 10x burst, idle) is replayed twice: once with modelfleet's autoscaler
+setting the replica count, once with Ray Serve's built-in autoscaler at its default delays
+(`target_ongoing_requests`, 30 s up, 600 s down). For each: reaction time (queue above target
+-> decision -> a new replica running), TTFT p99 during the burst, replica-seconds over the
+trace, failed requests. The timeline (queue depth, replicas, TTFT) is plotted to PNG.
+
+    python benchmarks/autoscale.py [--quick] [--json] [--out benchmarks/out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from e2e.cluster import free_port  # noqa: E402
+from e2e.prometheus import PrometheusServer  # noqa: E402
+from modelfleet.api import AutoscalingSpec  # noqa: E402
+from modelfleet.operator.autoscaling.loop import LocalAutoscaler  # noqa: E402
+
+
+@dataclasses.dataclass
+class Trace:
+    idle_s: float
+    burst_s: float
+    tail_s: float
+    base_rps: float
+    max_tokens: int
+
+    @property
+    def total_s(self) -> float:
+        return self.idle_s + self.burst_s + self.tail_s
+
+    def arrivals(self) -> list[float]:
+        """Request start times: evenly spaced at the base rate, ten times faster in the burst."""
+        times, t = [], 0.0
+        while t < self.total_s:
+            times.append(t)
+            burst = self.idle_s <= t < self.idle_s + self.burst_s
+            t += 1.0 / (self.base_rps * (10 if burst else 1))
+        return times
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    ttft: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # (start, ttft)
+    failures: list[str] = dataclasses.field(default_factory=list)
+    replicas: list[tuple[float, int]] = dataclasses.field(default_factory=list)  # (t, running)
+    queue: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    decision_t: float | None = None
+    serving_t: float | None = None
+    queue_rise_t: float | None = None
+
+    def replica_seconds(self) -> float:
+        total = 0.0
+        for (t0, n), (t1, _) in zip(self.replicas, self.replicas[1:], strict=False):
+            total += n * (t1 - t0)
+        return total
+
+    def ttft_p99(self, since: float, until: float) -> float:
+        values = sorted(v for s, v in self.ttft if since <= s < until)
+        return values[min(len(values) - 1, int(0.99 * (len(values) - 1)))] if values else float("nan")
+
+
+def replica_counts(app: str) -> tuple[int, int]:
+    """(running, all) replicas of the Model deployment."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    dep = status.deployments.get("Model") if status else None
+    if dep is None:
+        return 0, 0
+    states = dep.replica_states
+    return states.get("RUNNING", 0), sum(states.values())
+
+
+async def replay(base: str, trace: Trace, result: Result, t0: float) -> None:
+    async def one(client: httpx.AsyncClient, start: float, i: int) -> None:
+        await asyncio.sleep(max(0.0, t0 + start - time.monotonic()))
+        body = {
+            "model": "auto",
+            "prompt": f"request {i}",
+            "max_tokens": trace.max_tokens,
+            "stream": True,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        sent = time.monotonic()
+        try:
+            async with client.stream("POST", f"{base}/v1/completions", json=body) as resp:
+                if resp.status_code != 200:
+                    result.failures.append(f"{resp.status_code}")
+                    return
+                first = None
+                async for line in resp.aiter_lines():
+                    if first is None and line.startswith("data: {"):
+                        first = time.monotonic()
+                        result.ttft.append((sent - t0, first - sent))
+                    if line == "data: [DONE]":
+                        return
+                result.failures.append("no [DONE]")
+        except httpx.HTTPError as err:
+            result.failures.append(type(err).__name__)
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=512)) as client:
+        await asyncio.gather(*(one(client, s, i) for i, s in enumerate(trace.arrivals())))
+
+
+def run_one(
+    name: str, base: str, deploy, prom: PrometheusServer, trace: Trace, spec: AutoscalingSpec, ours: bool
+) -> Result:
+    result = Result(name)
+    stop = threading.Event()
+    t0 = time.monotonic() + 1.0
+    scaler = None
+    if ours:
+        scaler = LocalAutoscaler(
+            spec,
+            max_num_seqs=2,
+            prometheus_url=prom.url,
+            namespace="bench",
+            name="auto",
+            get_ready=lambda: replica_counts("auto")[0],
+            set_replicas=deploy,
+            replicas=1,
+            interval=1.0,
+        )
+        scaler.start()
+
+    def sample() -> None:
+        while not stop.is_set():
+            t = time.monotonic() - t0
+            running, every = replica_counts("auto")
+            result.replicas.append((t, running))
+            try:
+                found = prom.query('sum(max by (replica) (modelfleet_queue_depth{model_deployment="auto"}))')
+                q = float(found[0]["value"][1]) if found else 0.0
+            except httpx.HTTPError:
+                q = float("nan")
+            result.queue.append((t, q))
+            if result.queue_rise_t is None and q > spec.target_queue_depth:
+                result.queue_rise_t = t
+            if result.decision_t is None and every > 1:
+                result.decision_t = t
+            if result.serving_t is None and running > 1:
+                result.serving_t = t
+            stop.wait(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    print(f"[{name}] replaying {len(trace.arrivals())} requests over {trace.total_s:.0f}s ...", flush=True)
+    asyncio.run(replay(base, trace, result, t0))
+    while time.monotonic() - t0 < trace.total_s:
+        time.sleep(0.5)
+    stop.set()
+    sampler.join(5)
+    if scaler is not None:
+        scaler.stop()
+        # The policy's own decision time is exact; the sampler only sees its effect.
+        ups = [p for p in scaler.timeline if p.decision == "ScaleUp"]
+        if ups:
+            result.decision_t = ups[0].t - (t0 - scaler.started)
+    return result
+
+
+def plot(results: list[Result], trace: Trace, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
+    for r in results:
+        axes[0].plot([t for t, _ in r.queue], [q for _, q in r.queue], label=r.name)
+        axes[1].step([t for t, _ in r.replicas], [n for _, n in r.replicas], where="post", label=r.name)
+        axes[2].scatter([s for s, _ in r.ttft], [v for _, v in r.ttft], s=6, label=r.name)
+    for ax in axes:
+        ax.axvspan(trace.idle_s, trace.idle_s + trace.burst_s, color="0.9")
+        ax.legend(loc="upper right")
+    axes[0].set_ylabel("queue depth")
+    axes[1].set_ylabel("running replicas")
+    axes[2].set_ylabel("TTFT (s)")
+    axes[2].set_xlabel("seconds (shaded: 10x burst)")
+    fig.suptitle("modelfleet autoscaler vs Ray Serve autoscaler defaults, tiny model on CPU")
+    fig.tight_layout()
+    path = out / "autoscale_timeline.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
+    parser.add_argument("--base-rps", type=float, default=1.0)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    trace = Trace(idle_s=15, burst_s=45, tail_s=60, base_rps=args.base_rps, max_tokens=args.max_tokens)
+    if not args.quick:
+        trace = Trace(idle_s=30, burst_s=120, tail_s=240, base_rps=args.base_rps, max_tokens=args.max_tokens)
+    down = 20 if args.quick else 60
+    spec = AutoscalingSpec(
+        enabled=True,
+        min_replicas=1,
+        max_replicas=4,
+        target_queue_depth=2,
+        scale_down_stabilization_seconds=down,
+    )
+
+    import ray
+    from ray import serve
+
+    from modelfleet.serving.app import build_application
+    from modelfleet.serving.settings import ServeSettings
+
+    ray.init(num_cpus=8, include_dashboard=False, logging_level=logging.WARNING)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+    base = f"http://127.0.0.1:{port}/auto"
+    settings = ServeSettings(
+        name="auto",
+        namespace="bench",
+        model="builtin://tiny-llama",
+        max_num_seqs=2,
+        max_queue_depth=512,
+        device="cpu",
+        replicas=1,
+    )
+    results = []
+    try:
+        with PrometheusServer(
+            [f"127.0.0.1:{port}"], "1s", metrics_path="/auto/metrics", workdir=args.out / "prometheus"
+        ) as prom:
+
+            def deploy(n: int) -> None:
+                serve.run(
+                    build_application(dataclasses.replace(settings, replicas=n)),
+                    name="auto",
+                    route_prefix="/auto",
+                )
+
+            deploy(1)
+            results.append(run_one("modelfleet", base, deploy, prom, trace, spec, ours=True))
+            serve.delete("auto")
+            ray_config = {
+                "min_replicas": spec.min_replicas,
+                "max_replicas": spec.max_replicas,
+                "target_ongoing_requests": 2,
+            }
+            serve.run(
+                build_application(
+                    settings, model_overrides={"num_replicas": "auto", "autoscaling_config": ray_config}
+                ),
+                name="auto",
+                route_prefix="/auto",
+            )
+            results.append(run_one("ray-serve-default", base, None, prom, trace, spec, ours=False))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    burst = (trace.idle_s, trace.idle_s + trace.burst_s)
+    ours, theirs = results
+    png = plot(results, trace, args.out)
+    print()
+    print(f"{'':32} {'modelfleet':>12} {'ray default':>12}")
+
+    def row(label: str, a: float | None, b: float | None, fmt: str = "{:12.1f}") -> None:
+        def show(v: float | None) -> str:
+            return fmt.format(v) if v is not None else f"{'-':>12}"
+
+        print(f"{label:32} {show(a)} {show(b)}")
+
+    def since_rise(r: Result, t: float | None) -> float | None:
+        return None if t is None or r.queue_rise_t is None else t - r.queue_rise_t
+
+    row(
+        "queue rise -> decision (s)", since_rise(ours, ours.decision_t), since_rise(theirs, theirs.decision_t)
+    )
+    row(
+        "queue rise -> replica serving (s)",
+        since_rise(ours, ours.serving_t),
+        since_rise(theirs, theirs.serving_t),
+    )
+    row("TTFT p99 in burst (s)", ours.ttft_p99(*burst), theirs.ttft_p99(*burst), "{:12.2f}")
+    row("replica-seconds", ours.replica_seconds(), theirs.replica_seconds())
+    row("failed requests", len(ours.failures), len(theirs.failures), "{:12d}")
+    print(f"timeline: {png}")
+    reaction = since_rise(ours, ours.decision_t)
+    summary = {
+        "reaction_s": round(reaction, 2) if reaction is not None else None,
+        "failed_requests": len(ours.failures),
+        "ray_failed_requests": len(theirs.failures),
+        "replica_seconds_ratio_vs_ray": round(ours.replica_seconds() / theirs.replica_seconds(), 3)
+        if theirs.replica_seconds()
+        else None,
+        "ttft_p99_ratio_vs_ray": round(ours.ttft_p99(*burst) / theirs.ttft_p99(*burst), 3),
+        "plot": str(png),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
