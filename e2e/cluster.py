@@ -40,6 +40,13 @@ class ClusterError(RuntimeError):
     """The cluster could not start; the message includes the failing component's log tail."""
 
 
+class KubectlError(subprocess.CalledProcessError):
+    """A failed kubectl call; its message carries kubectl's stderr."""
+
+    def __str__(self) -> str:
+        return f"{' '.join(self.cmd[3:])} failed ({self.returncode}): {self.stderr.strip()}"
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -88,6 +95,14 @@ class Cluster:
         self.dir = Path(self.dir).resolve()
         self.bin_dir = Path(self.bin_dir)
 
+    @classmethod
+    def attach(cls, dir: Path) -> Cluster:
+        """The cluster a previous `up` started in `dir`, with the binaries it used."""
+        state_file = Path(dir) / STATE_FILE
+        if state_file.exists():
+            return cls(dir, Path(json.loads(state_file.read_text())["bin_dir"]))
+        return cls(dir)
+
     @property
     def kubeconfig(self) -> Path:
         return self.dir / "kubeconfig"
@@ -114,7 +129,7 @@ class Cluster:
                f"--cache-dir={self.dir / 'kube-cache'}", *args]
         done = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
         if check and done.returncode != 0:
-            raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout, done.stderr)
+            raise KubectlError(done.returncode, cmd, done.stdout, done.stderr)
         return done
 
     def get_json(self, *args: str) -> dict:
@@ -174,7 +189,7 @@ class Cluster:
         if cpu_nodes is None:
             cpu_nodes = 1 if gpu_nodes else 0
         for sub in ("logs", "etcd", "pki", "certs"):
-            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+            (self.dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         ports = {name: free_port() for name in
                  ("etcd", "etcd-peer", "kube-apiserver", "kube-controller-manager",
                   "kube-scheduler", "kwok")}
@@ -360,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bin-dir":
         print(build.bin_dir())
         return 0 if not build.missing_binaries() else 1
-    cluster = Cluster(args.dir)
+    cluster = Cluster(args.dir) if args.command == "up" else Cluster.attach(args.dir)
     if args.command == "up":
         try:
             seconds = cluster.up(args.gpu_nodes, args.gpu_per_node, args.gpu_product, args.cpu_nodes)

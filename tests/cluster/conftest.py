@@ -26,7 +26,8 @@ from e2e import build  # noqa: E402
 from e2e.cluster import Cluster, ClusterError  # noqa: E402
 from e2e.waiting import eventually  # noqa: E402
 
-CRD_FILE = ROOT / "crds" / "modeldeployments.modelfleet.dev.yaml"
+# MODELFLEET_CRD_FILE tries a CRD on the server before it is written to crds/.
+CRD_FILE = Path(os.environ.get("MODELFLEET_CRD_FILE", ROOT / "crds" / "modeldeployments.modelfleet.dev.yaml"))
 CRD_NAME = "modeldeployments.modelfleet.dev"
 GPU_NODES, GPUS_PER_NODE, GPU_PRODUCT = 2, 8, "NVIDIA-H100-80GB-HBM3"
 
@@ -36,7 +37,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A running cluster: `.kubeconfig`, `.kubectl(*args)`, `.bin_dir`, `.dir`."""
     reuse = os.environ.get("MODELFLEET_E2E_CLUSTER_DIR")
     if reuse:
-        running = Cluster(Path(reuse))
+        running = Cluster.attach(Path(reuse))
         if not running.status()["apiserver_ready"]:
             pytest.fail(f"MODELFLEET_E2E_CLUSTER_DIR={reuse} holds no ready cluster", pytrace=False)
         yield running
