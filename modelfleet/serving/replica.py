@@ -15,10 +15,12 @@ request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from modelfleet.serving import errors
@@ -123,10 +125,8 @@ class ModelReplica:
         writer, run = await self._begin(kind, request)
         try:
             yield writer.opening()
-            async for batch in run.batches():
-                yield "".join(
-                    writer.delta_chunk(i, out.text, out.logprobs, out.finish_reason) for i, out in batch
-                )
+            async for batch in run.batches(self._hold):
+                yield "".join(writer.delta_chunk(d.index, d.text, d.logprobs, d.finish_reason) for d in batch)
         except errors.APIError as err:
             from modelfleet.serving.responses import error_event
 
@@ -136,7 +136,14 @@ class ModelReplica:
             await run.close()
         yield writer.closing()
 
+    def _hold(self) -> float:
+        """Gathering time between two chunks of one stream: grows with the streams running."""
+        s = self.settings
+        return min(s.stream_hold_max_s, s.stream_hold_per_stream_s * (self.admission.running - 1))
+
     async def stats(self) -> dict[str, Any]:
+        import torch
+
         st = self.engine.stats()
         return {
             "replica": self.replica_id,
@@ -146,6 +153,8 @@ class ModelReplica:
             "engine_running": st.running,
             "kv_blocks_used": st.kv_blocks_used,
             "kv_blocks_total": st.kv_blocks_total,
+            "generation_tokens_total": st.generation_tokens_total,
+            "torch_threads": torch.get_num_threads(),
         }
 
     async def inject_fault(self) -> None:
@@ -281,6 +290,16 @@ def _replica_id() -> str:
         return uuid.uuid4().hex[:8]
 
 
+@dataclass
+class Delta:
+    """What one choice produced since the last chunk."""
+
+    index: int
+    text: str
+    logprobs: list[Any]
+    finish_reason: str | None
+
+
 class Run:
     """The engine requests behind one API request (one per choice), started at once.
 
@@ -297,6 +316,7 @@ class Run:
         self.closed = False
         self.t0 = time.perf_counter()
         self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self.finished = asyncio.Event()
         request_id = uuid.uuid4().hex
         self.tasks = [
             asyncio.create_task(self._pump(i, f"{request_id}-{i}", prompt, params))
@@ -308,6 +328,8 @@ class Run:
         try:
             async for out in gen:
                 self.queue.put_nowait((i, out))
+                if out.finish_reason is not None:
+                    self.finished.set()
             self.queue.put_nowait((i, None))
         except asyncio.CancelledError:
             raise
@@ -316,16 +338,29 @@ class Run:
         finally:
             await gen.aclose()
 
-    async def batches(self) -> AsyncIterator[list[tuple[int, Any]]]:
+    async def batches(self, hold: Callable[[], float] | None = None) -> AsyncIterator[list[Delta]]:
+        """What the choices produced since the last batch, one merged Delta per choice.
+
+        `hold()` is how long to gather after a batch before sending the next one. The first
+        token always goes at once; after it a busy replica sends fewer, fuller chunks, so
+        the messages per second through Serve stay bounded as the streams grow.
+        """
         m = self.replica.metrics
         t0 = self.t0
         last = [t0] * len(self.tasks)
         remaining = len(self.tasks)
+        sent_at: float | None = None
         while remaining:
+            if sent_at is not None and hold is not None:
+                wait = sent_at + hold() - time.perf_counter()
+                if wait > 0:  # gather, but a finishing choice ends the wait
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.finished.wait(), wait)
+                    self.finished.clear()
             items = [await self.queue.get()]
             while not self.queue.empty():
                 items.append(self.queue.get_nowait())
-            batch = []
+            merged: dict[int, Delta] = {}
             now = time.perf_counter()
             for i, out in items:
                 if out is None:
@@ -345,9 +380,16 @@ class Run:
                     last[i] = now
                     m.generation_tokens.inc(n_tok)
                 self.writer.record(i, out.text, n_tok, out.logprobs, out.finish_reason)
-                batch.append((i, out))
-            if batch:
-                yield batch
+                d = merged.get(i)
+                if d is None:
+                    merged[i] = Delta(i, out.text, list(out.logprobs or ()), out.finish_reason)
+                else:
+                    d.text += out.text
+                    d.logprobs.extend(out.logprobs or ())
+                    d.finish_reason = out.finish_reason or d.finish_reason
+            if merged:
+                sent_at = time.perf_counter()
+                yield list(merged.values())
         m.duration.observe(time.perf_counter() - t0)
 
     async def close(self) -> None:

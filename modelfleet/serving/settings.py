@@ -41,6 +41,12 @@ class ServeSettings:
     api_key: str | None = field(default=None, repr=False)
     """The key itself (local use); otherwise read from `api_key_env` in the ingress."""
     api_key_env: str = API_KEY_ENV
+    stream_hold_per_stream_s: float = 0.005
+    """Under load a stream gathers tokens between two chunks: this long per other running
+    stream, so the messages per second through Serve stay bounded. The first token, and
+    every token of a lone stream, goes at once."""
+    stream_hold_max_s: float = 0.25
+    """The longest a stream gathers tokens before it sends them."""
     health_check_period_s: float = 2.0
     enable_fault_injection: bool = False
     """Adds a handle method that breaks the engine; for recovery tests only."""

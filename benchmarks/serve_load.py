@@ -1,0 +1,357 @@
+"""Load test of the served API against the engine offline, on the same prompts, in one run.
+
+For each concurrency level (closed loop: N streams, each sending its next request when the
+last one ends) it measures output tokens/s, time to first token, inter-token latency and
+errors through the HTTP endpoint, then runs the same requests through an in-process
+LLMEngine at the same concurrency. The serving overhead is served tokens/s over offline
+tokens/s. Without --url it starts its own local Serve application of the tiny model.
+
+    python benchmarks/serve_load.py                    # full sweep, plot in benchmarks/out/
+    python benchmarks/serve_load.py --quick --json     # a few minutes; last line is JSON
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --model tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+OUT = Path(__file__).resolve().parent / "out"
+WORDS = [
+    "the",
+    "city",
+    "river",
+    "light",
+    "morning",
+    "story",
+    "garden",
+    "window",
+    "music",
+    "winter",
+    "road",
+    "letter",
+    "market",
+]
+
+
+def make_prompts(n: int) -> list[str]:
+    """Deterministic prompts of varied length (8..40 words)."""
+    return [" ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(8 + (i * 5) % 33)) for i in range(n)]
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
+
+
+@dataclass
+class Level:
+    concurrency: int
+    requests: int = 0
+    errors: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    offline_tokens: int = 0
+    offline_wall_s: float = 0.0
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def offline_tok_s(self) -> float:
+        return self.offline_tokens / self.offline_wall_s if self.offline_wall_s else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "errors": self.errors,
+            "tok_s": round(self.tok_s, 1),
+            "offline_tok_s": round(self.offline_tok_s, 1),
+            "overhead_ratio": round(self.tok_s / self.offline_tok_s, 3) if self.offline_tok_s else None,
+            "ttft_p50_s": round(pct(self.ttft, 50), 4),
+            "ttft_p99_s": round(pct(self.ttft, 99), 4),
+            "itl_p50_s": round(pct(self.itl, 50), 5),
+            "itl_p99_s": round(pct(self.itl, 99), 5),
+        }
+
+
+async def one_stream(client: httpx.AsyncClient, url: str, body: dict, level: Level) -> None:
+    """One streamed request: TTFT to the first text, and its inter-token latency as the
+    mean time per output token after the first ((last - first) / (tokens - 1)); under load
+    a chunk can carry several tokens, so gaps between chunks would overstate it."""
+    t0 = time.perf_counter()
+    first = last = None
+    tokens = 0
+    try:
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                level.errors += 1
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    level.errors += 1
+                    return
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if chunk["choices"] and chunk["choices"][0].get("text"):
+                    last = time.perf_counter()
+                    first = first or last
+    except httpx.HTTPError:
+        level.errors += 1
+        return
+    level.requests += 1
+    level.tokens += tokens
+    if first is not None:
+        level.ttft.append(first - t0)
+        if tokens > 1 and last is not None:
+            level.itl.append((last - first) / (tokens - 1))
+
+
+async def served_level(base: str, model: str, prompts: list[str], c: int, max_tokens: int) -> Level:
+    level = Level(c)
+    url = f"{base}/v1/completions"
+    queue = list(enumerate(prompts))
+    limits = httpx.Limits(max_connections=c + 8, max_keepalive_connections=c + 8)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+
+        async def worker() -> None:
+            while queue:
+                _, prompt = queue.pop()
+                body = {
+                    "model": model,
+                    "prompt": prompt,
+                    "max_tokens": max_tokens,
+                    "stream": True,
+                    "temperature": 0.0,
+                    "ignore_eos": True,
+                    "stream_options": {"include_usage": True},
+                }
+                await one_stream(client, url, body, level)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(c)))
+        level.wall_s = time.perf_counter() - t0
+    return level
+
+
+async def offline_level(engine: Any, prompts: list[str], c: int, max_tokens: int, level: Level) -> None:
+    from modelfleet.engine import SamplingParams
+
+    queue = list(prompts)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+    async def worker() -> None:
+        while queue:
+            prompt = queue.pop()
+            async for out in engine.generate(prompt, params):
+                if out.finish_reason is not None:
+                    level.offline_tokens += out.usage.completion_tokens
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(c)))
+    level.offline_wall_s = time.perf_counter() - t0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_endpoint(model_uri: str, max_num_seqs: int) -> tuple[str, str]:
+    import ray
+    from ray import serve
+
+    from modelfleet.serving.app import build_application
+    from modelfleet.serving.settings import ServeSettings
+
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as `modelfleet serve` does
+    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+    settings = ServeSettings(name="bench", model=model_uri, max_num_seqs=max_num_seqs, device="cpu")
+    serve.run_many(
+        [
+            serve.RunTarget(
+                build_application(settings),
+                name="bench",
+                route_prefix="/",
+                logging_config={"log_level": "WARNING", "enable_access_log": False},
+            )
+        ],
+        wait_for_applications_running=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/ready", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return base, "bench"
+
+
+def stop_endpoint() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def plot(levels: list[Level], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [lv.concurrency for lv in levels]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    a.plot(xs, [lv.tok_s for lv in levels], "o-", label="served (HTTP, SSE)")
+    a.plot(xs, [lv.offline_tok_s for lv in levels], "s--", label="engine offline")
+    for lv in levels:
+        if lv.offline_tok_s:
+            a.annotate(
+                f"{lv.tok_s / lv.offline_tok_s:.0%}",
+                (lv.concurrency, lv.tok_s),
+                textcoords="offset points",
+                xytext=(0, -14),
+                ha="center",
+                fontsize=8,
+            )
+    a.set(xscale="log", xlabel="concurrent streams", ylabel="output tokens/s", title="Throughput")
+    a.set_xticks(xs, [str(x) for x in xs])
+    a.legend()
+    a.grid(alpha=0.3)
+    b.plot(xs, [pct(lv.ttft, 50) * 1000 for lv in levels], "o-", label="TTFT p50")
+    b.plot(xs, [pct(lv.ttft, 99) * 1000 for lv in levels], "s--", label="TTFT p99")
+    b.set(xscale="log", xlabel="concurrent streams", ylabel="ms", title="Time to first token (served)")
+    b.set_xticks(xs, [str(x) for x in xs])
+    b.legend()
+    b.grid(alpha=0.3)
+    fig.suptitle("modelfleet serve_load: tiny-llama on this machine's CPU")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+async def run(args: argparse.Namespace) -> list[Level]:
+    import torch
+
+    from modelfleet.engine import EngineConfig, LLMEngine
+
+    levels = []
+    # The offline engine gets the CPU threads a replica's engine has (its placement bundle),
+    # so the ratio measures what serving costs, not a different thread count.
+    torch.set_num_threads(args.engine_threads)
+    print(f"engine threads (served and offline): {args.engine_threads}", file=sys.stderr)
+    engine = LLMEngine(EngineConfig(model=args.model_uri, max_num_seqs=args.max_num_seqs, device="cpu"))
+    await engine.start()
+    base, model = args.url, args.model
+    try:
+        # Warm both paths once.
+        await served_level(base, model, make_prompts(4), 4, 8)
+        await offline_level(engine, make_prompts(4), 4, 8, Level(4))
+        for c in args.concurrency:
+            n = max(c * args.rounds, args.min_requests)
+            prompts = make_prompts(n)
+            level = await served_level(base, model, prompts, c, args.max_tokens)
+            await offline_level(engine, prompts, c, args.max_tokens, level)
+            levels.append(level)
+            print(json.dumps(level.summary()), file=sys.stderr, flush=True)
+    finally:
+        await engine.shutdown()
+    return levels
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="a running endpoint (default: start a local one)")
+    p.add_argument("--model", default="bench", help="served model name (with --url)")
+    p.add_argument("--model-uri", default="builtin://tiny-llama", help="model of the offline engine")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=4, help="requests per stream at each level")
+    p.add_argument("--min-requests", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument(
+        "--engine-threads",
+        type=int,
+        default=1,
+        help="torch threads of the offline engine: a CPU replica's engine has one per rank",
+    )
+    p.add_argument("--quick", action="store_true", help="fewer, shorter requests")
+    p.add_argument("--json", action="store_true", help="print one JSON line last")
+    p.add_argument("--plot", type=Path, default=OUT / "serve_load.png")
+    args = p.parse_args()
+    if args.quick:
+        args.max_tokens, args.rounds, args.min_requests = 64, 2, 8
+    started = None
+    if args.url is None:
+        args.url, args.model = start_endpoint(args.model_uri, args.max_num_seqs)
+        started = True
+    try:
+        levels = asyncio.run(run(args))
+    finally:
+        if started:
+            stop_endpoint()
+    plot(levels, args.plot)
+    print(
+        f"\n{'streams':>7} {'served tok/s':>12} {'offline tok/s':>13} {'ratio':>6} {'TTFT p50':>9} "
+        f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'errors':>6}"
+    )
+    for lv in levels:
+        s = lv.summary()
+        ratio, ms = s["overhead_ratio"] or 0.0, 1000.0
+        print(
+            f"{s['concurrency']:>7} {s['tok_s']:>12.1f} {s['offline_tok_s']:>13.1f} {ratio:>6.2f} "
+            f"{s['ttft_p50_s'] * ms:>7.1f}ms {s['ttft_p99_s'] * ms:>7.1f}ms {s['itl_p50_s'] * ms:>6.2f}ms "
+            f"{s['itl_p99_s'] * ms:>6.2f}ms {s['errors']:>6}"
+        )
+    print(f"plot: {args.plot}")
+    key = next((lv for lv in levels if lv.concurrency == 32), levels[-1]).summary()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "overhead_ratio": key["overhead_ratio"],
+                    "tok_s": key["tok_s"],
+                    "offline_tok_s": key["offline_tok_s"],
+                    "ttft_p50_s": key["ttft_p50_s"],
+                    "ttft_p99_s": key["ttft_p99_s"],
+                    "itl_p50_s": key["itl_p50_s"],
+                    "itl_p99_s": key["itl_p99_s"],
+                    "concurrency": key["concurrency"],
+                    "errors": sum(lv.errors for lv in levels),
+                    "levels": [lv.summary() for lv in levels],
+                }
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
