@@ -59,13 +59,21 @@ def model_options(settings: ServeSettings, gpu: bool) -> dict[str, Any]:
     }
 
 
+def constructor_args(settings: ServeSettings) -> dict[str, Any]:
+    """What the replicas are built with. The replica count is left out: Serve changes
+    `num_replicas` in place, but any change to constructor args restarts every replica."""
+    args = settings.to_dict()
+    del args["replicas"]
+    return args
+
+
 def build_application(settings: ServeSettings) -> Application:
     gpu = use_gpu(settings)
     if gpu and settings.device == "auto":
         settings = ServeSettings.from_dict({**settings.to_dict(), "device": "cuda"})
     elif not gpu:
         settings = ServeSettings.from_dict({**settings.to_dict(), "device": "cpu"})
-    args = settings.to_dict()
+    args = constructor_args(settings)
     hub = (
         serve.deployment(MetricsHub)
         .options(name=HUB_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})

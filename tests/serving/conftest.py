@@ -34,6 +34,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
     from modelfleet.serving.settings import API_KEY_ENV, ServeSettings
 
     os.environ.pop(API_KEY_ENV, None)  # replicas inherit it: only the tp2 app has a key
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as `modelfleet serve` runs them
     ckpt = tmp_path_factory.mktemp("hf-llama")
     write_hf_checkpoint(ckpt)
     # Logical CPUs: every replica bundle (1 + 1 + 2) fits; the two real cores are shared.

@@ -158,6 +158,14 @@ def test_model_options_bound_the_queue():
     assert opts["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1.0}] * 2
 
 
+def test_scaling_changes_no_constructor_args():
+    from modelfleet.serving.app import constructor_args
+
+    one, four = ServeSettings(name="x", replicas=1), ServeSettings(name="x", replicas=4)
+    assert constructor_args(one) == constructor_args(four)
+    assert ServeSettings.from_dict(constructor_args(four)).name == "x"
+
+
 # -- metrics -----------------------------------------------------------------------------------
 
 
