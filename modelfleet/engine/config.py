@@ -33,6 +33,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # prefill token budget per step
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds requests that carry no seed of their own
+    load_format: str = "auto"  # "dummy": random weights of the checkpoint's shape (benchmarks)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -65,6 +66,8 @@ class EngineConfig:
             raise InvalidConfig("device", "cuda was asked for but no GPU is visible")
         if self.worker_backend not in ("mp", "ray"):
             raise InvalidConfig("worker_backend", f"must be mp or ray, got {self.worker_backend!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise InvalidConfig("load_format", f"must be auto or dummy, got {self.load_format!r}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise InvalidConfig("max_num_batched_tokens", "must be >= 1")
 

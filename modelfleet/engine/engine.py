@@ -447,7 +447,7 @@ class LLMEngine:
         self._adds.extend(reqs)
         pending = set(map(id, reqs))
         while pending:
-            for req, out in self._executor.submit(self._step).result():
+            for req, out in self._step():
                 texts[id(req)].append(out.text)
                 ids[id(req)] += out.token_ids
                 lps[id(req)] += out.logprobs or []

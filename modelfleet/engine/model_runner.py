@@ -64,7 +64,10 @@ class ModelRunner:
         init_tp(rank, tp, spec.init_method, backend)
         self.block_size = spec.engine.block_size
         self.model = build_model(MODELS[spec.model.architecture], spec.model, spec.dtype, self.device)
-        load_weights(self.model, Path(spec.model_path), show_progress=rank == 0)
+        if spec.engine.load_format == "dummy":
+            init_dummy_weights(self.model, seed=1234 + rank)
+        else:
+            load_weights(self.model, Path(spec.model_path), show_progress=rank == 0)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_blocks = 0
 
@@ -91,11 +94,20 @@ class ModelRunner:
         kv_heads = m.num_kv_heads // tp_size()
         shape = (num_blocks * self.block_size, kv_heads, m.head_dim)
         for layer in self.attn_layers:
-            layer.k_cache = torch.empty(shape, dtype=self.spec.dtype, device=self.device)
-            layer.v_cache = torch.empty(shape, dtype=self.spec.dtype, device=self.device)
-            layer.k_cache[: self.block_size].zero_()  # block 0: the null block padding reads
-            layer.v_cache[: self.block_size].zero_()
+            layer.k_cache, layer.v_cache = self._zeros(shape), self._zeros(shape)
+            layer.block_size = self.block_size
         self.num_blocks = num_blocks
+
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.device != "cpu":
+            return torch.zeros(shape, dtype=self.spec.dtype, device=self.device)
+        # calloc'd pages: zero without touching them, so unused cache costs no resident memory
+        import numpy as np
+
+        dtype = self.spec.dtype
+        if dtype == torch.bfloat16:  # numpy has no bfloat16: allocate int16 and reinterpret
+            return torch.from_numpy(np.zeros(shape, dtype=np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(np.zeros(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -134,19 +146,13 @@ class ModelRunner:
                 prefix.append(self._tensor(self._slots(table, 0, ctx)) if ctx > q else None)
                 start += q
             return AttentionContext(True, self._tensor(slot_mapping), seqs, prefix)
-        # decode: gather every context slot; padding reads the zero block
-        bs = self.block_size
-        longest = max(step.context_lens)
-        width = -(-longest // bs)
-        tables = torch.zeros(len(step.block_tables), width, dtype=torch.int64)
-        for i, t in enumerate(step.block_tables):
-            tables[i, : len(t)] = torch.tensor(t[:width])
-        slots = (tables[:, :, None] * bs + torch.arange(bs)).reshape(len(tables), -1)[:, :longest]
-        visible = torch.arange(longest)[None, :] < torch.tensor(step.context_lens)[:, None]
-        slots = slots.masked_fill(~visible, 0)
+        # decode: whole blocks of every context; padding reads the zero block
+        width = -(-max(step.context_lens) // self.block_size)
+        tables = [t[:width] + [0] * (width - len(t[:width])) for t in step.block_tables]
+        visible = torch.arange(width * self.block_size)[None, :] < torch.tensor(step.context_lens)[:, None]
         return AttentionContext(
             False, self._tensor(slot_mapping), [], [],
-            decode_slots=slots.to(self.device), decode_mask=visible[:, None, None, :].to(self.device),
+            decode_tables=self._tensor(tables), decode_mask=visible[:, None, None, :].to(self.device),
         )
 
     @torch.inference_mode()
@@ -162,6 +168,16 @@ class ModelRunner:
         finally:
             set_context(None)
         return logits if self.rank == 0 else None
+
+
+@torch.no_grad()
+def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
 
 
 def worker_main(spec: RunnerSpec, rank: int) -> None:

@@ -1,8 +1,9 @@
 """Attention over the paged KV cache: store the new keys/values by slot, then attend.
 
 The cache of one layer is two flat tensors [num_blocks * block_size, Hkv, D]; a token's slot is
-block_table[pos // block_size] * block_size + pos % block_size. Slot 0 belongs to a reserved
-zero block, so padded gathers read zeros, never stale data.
+block_table[pos // block_size] * block_size + pos % block_size. Decode gathers whole blocks
+(contiguous copies) and masks the positions past each context; the cache starts zeroed and
+block 0 is reserved, so padding reads finite values that the mask weighs by exactly zero.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim, self.scale = n_heads, n_kv_heads, head_dim, scale
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.block_size = 0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H * D]
@@ -29,7 +31,7 @@ class Attention(nn.Module):
         if ctx.is_prefill:
             out = self._prefill(q, k, v, ctx)
         else:
-            out = self._decode(q, ctx.decode_slots, ctx.decode_mask)
+            out = self._decode(q, ctx.decode_tables, ctx.decode_mask)
         return out.reshape(q.shape[0], self.n_heads * self.head_dim)
 
     def _prefill(self, q, k, v, ctx) -> torch.Tensor:
@@ -54,14 +56,16 @@ class Attention(nn.Module):
             outs.append(o[0].transpose(0, 1))
         return torch.cat(outs, dim=0)
 
-    def _decode(self, q: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # q: [B, H, D]; slots: [B, L]; mask: [B, 1, 1, L]
-        b = slots.shape[0]
-        g = self.n_heads // self.n_kv_heads
-        k = self.k_cache[slots].permute(0, 2, 3, 1)  # [B, Hkv, D, L]
-        v = self.v_cache[slots].transpose(1, 2)  # [B, Hkv, L, D]
-        qg = q.view(b, self.n_kv_heads, g, self.head_dim)  # [B, Hkv, g, D]
-        scores = torch.matmul(qg, k).float() * self.scale  # [B, Hkv, g, L]
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        return torch.matmul(probs, v)  # [B, Hkv, g, D]
+    def _decode(self, q: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # q: [B, H, D]; tables: [B, nb] block ids (0 = padding); mask: [B, 1, 1, nb * bs]
+        b, nb = tables.shape
+        width = self.block_size * self.n_kv_heads * self.head_dim
+        flat = tables.flatten()
+        shape = (b, nb * self.block_size, self.n_kv_heads, self.head_dim)
+        k = self.k_cache.view(-1, width).index_select(0, flat).view(shape)  # [B, L, Hkv, D]
+        v = self.v_cache.view(-1, width).index_select(0, flat).view(shape)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask, scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads,
+        )  # [B, H, 1, D]
+        return out.squeeze(2)

@@ -14,8 +14,8 @@ class AttentionContext:
     # prefill: per sequence (query start, query length, context length); context = cached + query
     seqs: list[tuple[int, int, int]]
     prefix_slots: list[torch.Tensor | None]  # prefill: [ctx] slots to gather, None if no prefix hit
-    decode_slots: torch.Tensor | None = None  # decode: [B, L] slots (padding -> the null slot 0)
-    decode_mask: torch.Tensor | None = None  # decode: [B, 1, 1, L] True where a key is visible
+    decode_tables: torch.Tensor | None = None  # decode: [B, nb] block tables, padded with block 0
+    decode_mask: torch.Tensor | None = None  # decode: [B, 1, 1, nb * block_size] visible keys
 
 
 _context: AttentionContext | None = None
