@@ -36,6 +36,11 @@ STATE_FILE = "cluster.json"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 
 
+# What `up` runs, without and with fake nodes.
+RUNS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+FLEET_RUNS = ("kwok", "kwok-stages.yaml")
+
+
 class ClusterError(RuntimeError):
     """The cluster could not start; the message includes the failing component's log tail."""
 
@@ -178,7 +183,10 @@ class Cluster:
     ) -> float:
         """Start everything and wait until it is ready; return the seconds it took."""
         start = time.monotonic()
-        missing = build.missing_binaries(self.bin_dir)
+        if cpu_nodes is None:
+            cpu_nodes = 1 if gpu_nodes else 0
+        needed = [*RUNS, *(FLEET_RUNS if gpu_nodes or cpu_nodes else ())]
+        missing = [b for b in build.missing_binaries(self.bin_dir) if b in needed]
         if missing:
             raise ClusterError(
                 f"binaries missing in {self.bin_dir}: {', '.join(missing)}; "
@@ -186,8 +194,6 @@ class Cluster:
             )
         if any(process_alive(pid) for pid in self.read_state()["pids"].values()):
             raise ClusterError(f"a cluster is already running in {self.dir}; run `down` first")
-        if cpu_nodes is None:
-            cpu_nodes = 1 if gpu_nodes else 0
         for sub in ("logs", "etcd", "pki", "certs"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         ports = {name: free_port() for name in
