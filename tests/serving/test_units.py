@@ -214,3 +214,40 @@ def test_chat_stream_frames():
     body = w.body()
     assert body["choices"][0]["message"]["content"] == "Hi"
     assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+
+
+# -- the serve command, up to the point where it would start Ray --------------------------------
+
+
+def test_serve_refuses_a_manifest_whose_key_is_missing(tmp_path, monkeypatch, capsys):
+    from modelfleet.cli import main
+
+    monkeypatch.delenv("MODELFLEET_API_KEY", raising=False)
+    manifest = tmp_path / "keyed.yaml"
+    manifest.write_text(
+        (REPO / "examples" / "tiny.yaml").read_text()
+        + "  service:\n    apiKeySecretRef: {name: tiny-key, key: key}\n"
+    )
+    assert main(["serve", "-f", str(manifest)]) == 2
+    assert "API key" in capsys.readouterr().err
+
+
+def test_serve_reports_manifest_problems(tmp_path, capsys):
+    from modelfleet.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: modelfleet.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {name: x}\nspec: {}\n"
+    )
+    assert main(["serve", "-f", str(bad)]) == 1
+    assert "spec.model" in capsys.readouterr().err
+
+
+def test_serve_help_lists_the_options(capsys):
+    from modelfleet.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--model", "--tp", "--replicas", "--host", "--port", "--api-key-file"):
+        assert flag in out
