@@ -111,7 +111,8 @@ def test_schema_carries_limits_defaults_and_quantities(schema):
     assert spec["required"] == ["model"]
     cpu = spec["properties"]["resources"]["properties"]["cpu"]
     assert cpu["x-kubernetes-int-or-string"] is True and "pattern" in cpu
-    assert spec["properties"]["autoscaling"]["default"] == {}
+    assert spec["properties"]["autoscaling"]["default"]["minReplicas"] == 1
+    assert spec["properties"]["resources"]["default"]["gpu"] == {"resourceName": "nvidia.com/gpu"}
     # An optional object with a required field must not be defaulted into existence.
     assert "default" not in spec["properties"]["service"]["properties"]["apiKeySecretRef"]
     rules = [r["rule"] for _, n in _walk(schema) for r in n.get("x-kubernetes-validations", [])]
@@ -160,7 +161,8 @@ def _cel_errors(node: dict[str, Any], value: Any, path: str, env: celpy.Environm
                 msg = str(env.program(env.compile(rule["messageExpression"])).evaluate(activation))
             else:
                 msg = rule["message"]
-            errors.append(f"{path}{rule.get('fieldPath', '')}".lstrip(".") + f": {msg}")
+            where = f"{path}{rule.get('fieldPath', '')}".lstrip(".")
+            errors.append(msg if not where or msg.startswith(where) else f"{where}: {msg}")
     if isinstance(value, dict):
         for key, prop in node.get("properties", {}).items():
             if key in value:
@@ -203,7 +205,7 @@ def test_cel_and_python_messages_agree(schema, case):
         return  # a schema-level case; compared above
     cel = _cel_errors(schema, doc, "", celpy.Environment())
     _, problems = validation_problems(case.manifest)
-    python = [f"{p.path}: {p.message}" for p in problems]
+    python = [str(p) for p in problems]
     assert sorted(cel) == sorted(python)
 
 

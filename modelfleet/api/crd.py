@@ -108,10 +108,13 @@ def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if out.get("type") == "object" and "properties" in out:
         required = set(out.get("required", []))
         for name, prop in out["properties"].items():
-            # Let the API server fill nested defaults when a whole object is left out.
+            # A whole object left out gets its fields' defaults. The API server checks a default
+            # against the schema and CEL rules as it stands, so it is spelled out, not `{}`.
             fillable = name not in required and name not in optional
             if prop.get("type") == "object" and "properties" in prop and fillable:
-                prop.setdefault("default", {})
+                prop.setdefault(
+                    "default", {k: v["default"] for k, v in prop["properties"].items() if "default" in v}
+                )
     return out
 
 
@@ -164,7 +167,8 @@ def build_crd() -> dict[str, Any]:
             "status": status,
         },
         "x-kubernetes-validations": [
-            {"rule": NAME_RULE_CEL, "message": NAME_RULE_MESSAGE, "fieldPath": ".metadata.name"}
+            # No fieldPath: metadata has no schema here to point into; the message names the field.
+            {"rule": NAME_RULE_CEL, "message": NAME_RULE_MESSAGE}
         ],
     }
     return {
