@@ -99,7 +99,7 @@ def run_go(args: list[str], *, cwd: Path, cgo: bool, label: str) -> None:
         ["go", *args], cwd=cwd, env=go_env(cgo), text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
-    state = {"packages": 0, "last": ""}
+    state = {"packages": 0, "downloads": 0, "last": ""}
     tail: list[str] = []
 
     def report() -> None:
@@ -107,7 +107,8 @@ def run_go(args: list[str], *, cwd: Path, cgo: bool, label: str) -> None:
             time.sleep(30)
             if proc.poll() is None:
                 elapsed = time.monotonic() - start
-                log(f"{label}: {elapsed:4.0f}s, {state['packages']} packages, at {state['last']}")
+                log(f"{label}: {elapsed:4.0f}s, {state['downloads']} modules downloaded, "
+                    f"{state['packages']} packages compiled, at {state['last']}")
 
     reporter = threading.Thread(target=report, daemon=True)
     reporter.start()
@@ -115,7 +116,10 @@ def run_go(args: list[str], *, cwd: Path, cgo: bool, label: str) -> None:
     for line in proc.stdout:
         line = line.rstrip()
         tail = ([*tail, line])[-40:]
-        if re.match(r"^[\w.\-]+(/[\w.\-~]+)*$", line):
+        if line.startswith("go: downloading "):
+            state["downloads"] += 1
+            state["last"] = line.removeprefix("go: ")
+        elif re.match(r"^[\w.\-]+(/[\w.\-~]+)*$", line):
             state["packages"] += 1
             state["last"] = line
         else:
@@ -214,9 +218,14 @@ def build_kubernetes(version: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     common = ["build", "-v", "-p", "2", "-trimpath", "-ldflags", k8s_ldflags(version), "-o", str(tmp)]
-    # Upstream builds these four static (hack/lib/golang.sh KUBE_STATIC_BINARIES), kubelet with cgo.
-    run_go([*common, *pkgs[: len(K8S_STATIC)]], cwd=src, cgo=False, label=f"kubernetes {version} (static)")
-    run_go([*common, pkgs[-1]], cwd=src, cgo=True, label=f"kubernetes {version} kubelet (cgo)")
+    # Upstream builds these four static (hack/lib/golang.sh KUBE_STATIC_BINARIES), kubelet with
+    # cgo. The cgo pass recompiles every package (~15 min on 2 cores); MODELFLEET_KUBELET_CGO=0
+    # builds the kubelet static in the same pass instead.
+    kubelet_cgo = os.environ.get("MODELFLEET_KUBELET_CGO", "1") != "0"
+    static = pkgs[: len(K8S_STATIC)] if kubelet_cgo else pkgs
+    run_go([*common, *static], cwd=src, cgo=False, label=f"kubernetes {version} (static)")
+    if kubelet_cgo:
+        run_go([*common, pkgs[-1]], cwd=src, cgo=True, label=f"kubernetes {version} kubelet (cgo)")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
