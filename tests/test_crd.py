@@ -151,6 +151,13 @@ def _default(node: dict[str, Any], value: Any) -> Any:
     return value
 
 
+def _format(template: Any, args: Any) -> celpy.celtypes.StringType:
+    """Kubernetes' CEL `string.format(list)`, for the %d and %s the rules use."""
+    return celpy.celtypes.StringType(
+        str(template) % tuple(int(a) if isinstance(a, int) else str(a) for a in args)
+    )
+
+
 def _cel_errors(node: dict[str, Any], value: Any, path: str, env: celpy.Environment) -> list[str]:
     errors: list[str] = []
     for rule in node.get("x-kubernetes-validations", []):
@@ -158,7 +165,8 @@ def _cel_errors(node: dict[str, Any], value: Any, path: str, env: celpy.Environm
         ok = env.program(env.compile(rule["rule"])).evaluate(activation)
         if not ok:
             if "messageExpression" in rule:
-                msg = str(env.program(env.compile(rule["messageExpression"])).evaluate(activation))
+                program = env.program(env.compile(rule["messageExpression"]), functions={"format": _format})
+                msg = str(program.evaluate(activation))
             else:
                 msg = rule["message"]
             where = f"{path}{rule.get('fieldPath', '')}".lstrip(".")

@@ -126,13 +126,14 @@ def _attach_rules(schema: dict[str, Any]) -> None:
             node = node["properties"][key]
             if part.endswith("[*]"):
                 node = node["items"]
+        static = (
+            rule.message_cel.startswith("'")
+            and rule.message_cel.endswith("'")
+            and ".format(" not in rule.message_cel
+        )
+        message = {"message": rule.message_cel[1:-1]} if static else {"messageExpression": rule.message_cel}
         node.setdefault("x-kubernetes-validations", []).append(
-            {
-                "rule": rule.cel,
-                "messageExpression": rule.message_cel,
-                "fieldPath": "." + rule.field,
-                "reason": "FieldValueInvalid",
-            }
+            {"rule": rule.cel, **message, "fieldPath": "." + rule.field, "reason": "FieldValueInvalid"}
         )
 
 

@@ -30,7 +30,9 @@ class Rule:
     scope: str  # dotted path of the object the rule sees as `self`; "[*]" marks list items
     field: str  # the field the error names, relative to scope
     cel: str  # the rule, over `self`
-    message_cel: str  # a CEL string expression giving the message
+    # The message as a CEL string expression. Values go in through format(): the API server's cost
+    # estimate treats `'...' + string(int)` as unbounded and refuses the CRD.
+    message_cel: str
     model: type[BaseModel] | None  # validates the raw object at scope before `check` runs
     check: Callable[[Any], str | None]  # the rule in Python: the message when broken, else None
 
@@ -40,8 +42,8 @@ RULES: list[Rule] = [
         scope="spec.autoscaling",
         field="minReplicas",
         cel="self.minReplicas <= self.maxReplicas",
-        message_cel="'spec.autoscaling.minReplicas (' + string(self.minReplicas) + ') must be <= "
-        "spec.autoscaling.maxReplicas (' + string(self.maxReplicas) + ')'",
+        message_cel="'spec.autoscaling.minReplicas (%d) must be <= spec.autoscaling.maxReplicas (%d)'"
+        ".format([self.minReplicas, self.maxReplicas])",
         model=AutoscalingSpec,
         check=lambda a: (
             None
@@ -55,9 +57,9 @@ RULES: list[Rule] = [
         field="replicas",
         cel="!self.autoscaling.enabled || (self.replicas >= self.autoscaling.minReplicas"
         " && self.replicas <= self.autoscaling.maxReplicas)",
-        message_cel="'spec.replicas (' + string(self.replicas) + ') must be within "
-        "spec.autoscaling.minReplicas..maxReplicas (' + string(self.autoscaling.minReplicas)"
-        " + '..' + string(self.autoscaling.maxReplicas) + ') while autoscaling is enabled'",
+        message_cel="'spec.replicas (%d) must be within spec.autoscaling.minReplicas..maxReplicas (%d..%d) "
+        "while autoscaling is enabled'.format([self.replicas, self.autoscaling.minReplicas, "
+        "self.autoscaling.maxReplicas])",
         model=ModelDeploymentSpec,
         check=lambda s: (
             None
