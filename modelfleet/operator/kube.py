@@ -72,23 +72,22 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
     ) -> Any:
-        try:
-            resp = self.api.call_api(
-                url,
-                method,
-                query_params=query or [],
-                body=body,
-                header_params={"Content-Type": content_type, "Accept": "application/json"},
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _return_http_data_only=True,
-                _request_timeout=self.timeout,
-            )
-        except ApiException as err:
-            if err.status == 404:
-                raise NotFound(url) from None
-            raise
-        data = resp.data
+        method, full_url, headers, payload, _ = self.api.param_serialize(
+            method,
+            url,
+            query_params=query or [],
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        resp = self.api.call_api(
+            method, full_url, header_params=headers, body=payload, _request_timeout=self.timeout
+        )
+        data = resp.read()
+        if resp.status == 404:
+            raise NotFound(url)
+        if resp.status >= 400:
+            raise ApiException(status=resp.status, reason=resp.reason, body=data)
         return json.loads(data) if data else None
 
     def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any]:
