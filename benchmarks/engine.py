@@ -135,8 +135,8 @@ def main() -> None:
         engine = LLMEngine(EngineConfig(model=str(path), device="cpu", max_num_seqs=args.num_requests))
         n_params = sum(p.numel() for p in engine.runner.model.parameters())
         vocab = engine.model_config.vocab_size
-        out_range = (16, 96) if args.quick else (32, 192)
-        prompts, outputs = workload(args.num_requests, vocab, (16, 256), out_range)
+        prompt_range, out_range = ((16, 128), (8, 96)) if args.quick else ((16, 256), (16, 256))
+        prompts, outputs = workload(args.num_requests, vocab, prompt_range, out_range)
         print(f"model: {n_params / 1e6:.1f}M parameters, float32, CPU threads {torch.get_num_threads()}")
         print(f"workload: {len(prompts)} requests, prompts {min(map(len, prompts))}-"
               f"{max(map(len, prompts))} tokens, outputs {min(outputs)}-{max(outputs)} tokens")
@@ -148,7 +148,7 @@ def main() -> None:
         engine.close()
         model = load_hf(path, torch.float32, "cpu", dummy=False)
         best = (0.0, 0)
-        for bs in ([64, 16] if args.quick else [64, 32, 16, 8]):
+        for bs in ([64, 32] if args.quick else [64, 32, 16]):
             bs = min(bs, len(prompts))
             h_time, h_tokens = run_hf(model, prompts, outputs, bs, "cpu")
             rate = h_tokens / h_time

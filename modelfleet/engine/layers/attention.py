@@ -36,7 +36,7 @@ class Attention(nn.Module):
 
     def _prefill(self, q, k, v, ctx) -> torch.Tensor:
         outs = []
-        groups = self.n_heads // self.n_kv_heads
+        gqa = self.n_heads != self.n_kv_heads
         for (start, n, ctx_len), slots in zip(ctx.seqs, ctx.prefix_slots, strict=True):
             qi = q[start : start + n].transpose(0, 1)  # [H, n, D]
             if slots is None:  # nothing cached: keys are this step's own
@@ -47,11 +47,10 @@ class Attention(nn.Module):
                 pos_q = torch.arange(ctx_len - n, ctx_len, device=q.device)
                 mask = torch.arange(ctx_len, device=q.device)[None, :] <= pos_q[:, None]
                 causal = False
-            ki = ki.transpose(0, 1).repeat_interleave(groups, dim=0)  # [H, ctx, D]
-            vi = vi.transpose(0, 1).repeat_interleave(groups, dim=0)
+            ki, vi = ki.transpose(0, 1), vi.transpose(0, 1)  # [Hkv, ctx, D]
             o = F.scaled_dot_product_attention(
                 qi.unsqueeze(0), ki.unsqueeze(0), vi.unsqueeze(0),
-                attn_mask=mask, is_causal=causal, scale=self.scale,
+                attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=gqa,
             )  # [1, H, n, D]
             outs.append(o[0].transpose(0, 1))
         return torch.cat(outs, dim=0)
