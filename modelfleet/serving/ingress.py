@@ -48,6 +48,7 @@ class OpenAIIngress:
         self.settings = ServeSettings.from_dict(settings)
         self.api_key = self.settings.resolve_api_key()
         self.model = model
+        self.model_stream = model.options(stream=True)
         self.hub = hub
         self.created = int(time.time())
         try:
@@ -121,7 +122,7 @@ class OpenAIIngress:
         return JSONResponse(body)
 
     async def _stream(self, kind: str, req: Any) -> Response:
-        gen = self.model.options(stream=True).stream.remote(kind, req)
+        gen = self.model_stream.stream.remote(kind, req)
         try:
             first = await gen.__anext__()  # admission: errors still get their status code
         except BaseException:
