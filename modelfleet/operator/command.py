@@ -59,6 +59,9 @@ def _configure_logging(fmt: str, verbose: bool) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    if not verbose:  # one line per HTTP call or per timer tick drowns what matters
+        for noisy in ("httpx", "kopf.objects"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _plan(args: argparse.Namespace) -> int:

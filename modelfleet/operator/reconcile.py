@@ -13,6 +13,8 @@ import threading
 import time
 from typing import Any
 
+from kubernetes.client.rest import ApiException
+
 from modelfleet.api import ManifestError, ModelDeployment
 from modelfleet.operator import naming
 from modelfleet.operator.autoscaling.loop import Autoscaler
@@ -89,7 +91,15 @@ class Reconciler:
         for child in build_children(
             md, self.settings, surge=surge, with_pod_monitor=self.has_pod_monitor_crd()
         ):
-            self.kube.apply(child)
+            try:
+                self.kube.apply(child)
+            except ApiException as err:
+                if err.status == 403 and b"NamespaceTerminating" in (err.body or b""):
+                    log.info(
+                        "%s/%s: namespace is terminating; not recreating children", md.namespace, md.name
+                    )
+                    return
+                raise
         self.fleet.invalidate()
 
     def observe_workers(self, md: ModelDeployment) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -180,6 +190,8 @@ class Reconciler:
         """(new status, events) for one ModelDeployment body."""
         raw = as_dict(body)
         previous = dict(raw.get("status") or {})
+        if (raw.get("metadata") or {}).get("deletionTimestamp"):
+            return previous, []  # going away: its children go with it
         try:
             md = ModelDeployment.parse(raw)
         except ManifestError as err:
