@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 TINY_LLAMA_URI = "builtin://tiny-llama"
-TINY_LLAMA_VERSION = "v2"
+TINY_LLAMA_VERSION = "v3"
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
             "<|eot_id|>"]
 CHAT_TEMPLATE = (
@@ -85,9 +85,10 @@ def write_llama_dir(
     path: Path, *, hidden_size: int, intermediate_size: int, num_hidden_layers: int,
     num_attention_heads: int, num_key_value_heads: int, max_position_embeddings: int,
     seed: int = 0, vocab_size: int = 4096, dtype: torch.dtype = torch.float32,
-    tie_word_embeddings: bool = True,
+    tie_word_embeddings: bool = True, weights: bool = True,
 ) -> None:
-    """Write a random-weight Llama checkpoint with a real tokenizer into `path`."""
+    """Write a random-weight Llama checkpoint with a real tokenizer into `path`
+    (weights=False: config and tokenizer only, for load_format="dummy")."""
     path.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(vocab_size)
     tok.save(str(path / "tokenizer.json"))
@@ -114,6 +115,8 @@ def write_llama_dir(
         "model_max_length": max_position_embeddings, "tokenizer_class": "PreTrainedTokenizerFast",
     }, indent=2))
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    if not weights:
+        return
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int, std: float = 0.02) -> torch.Tensor:

@@ -50,4 +50,33 @@ The city council met on Tuesday to discuss new bus routes, bicycle lanes, and a 
 A kind word at the right moment can change the whole mood of a difficult day.
 The climbers reached the summit at noon, took a photograph, and began the long walk down.
 Tea or coffee? Most mornings she chose tea, with a slice of toast and a little marmalade.
+Winter evenings were long, so the village gathered in the hall for songs, soup, and old jokes.
+The chemist mixed two clear liquids, and the glass turned a deep purple that surprised everyone.
+Our neighbour repairs bicycles in his garage; he knows every spoke, chain, gear, and brake cable.
+Clouds gathered over the hills, thunder rolled across the valley, and heavy rain soaked the orchards.
+The orchestra tuned its violins, cellos, flutes, trumpets, and drums before the conductor arrived.
+An honest report describes what was measured, how it was measured, and what remains uncertain.
+The kitchen smelled of cinnamon, ginger, roasted garlic, lemon peel, and freshly ground pepper.
+Engineers design machines, bridges, circuits, networks, and programs that people rely on daily.
+During the festival, lanterns floated on the canal and dancers wore costumes of silver and gold.
+The puppy chased its tail, knocked over a vase, and then fell asleep under the kitchen table.
+Geography describes continents, oceans, rivers, deserts, glaciers, volcanoes, and islands.
+A careful writer revises drafts, removes needless words, and checks every quotation twice.
+The goalkeeper jumped, stretched, and caught the ball just before it crossed the line.
+Quietly, the astronomer adjusted the telescope and recorded the position of a faint comet.
+Vegetables such as carrots, potatoes, onions, cabbages, beans, and peppers grew in neat rows.
+Hospitals need nurses, surgeons, pharmacists, cleaners, cooks, and volunteers working together.
+The journey from the capital to the northern province took three days by horse and wagon.
+Jazz musicians improvise melodies, responding to each other's rhythms with surprising freedom.
+Fresh snow muffled the streets; only the scrape of shovels broke the silence of the morning.
+Languages borrow words from one another, and dictionaries grow thicker with every generation.
+Please summarise the following paragraph in one sentence, keeping the most important facts.
+Translate the phrase into French, then explain the grammar behind each word you chose.
+Write a short poem about autumn leaves, using gentle rhymes and vivid, colourful imagery.
+Sorry, I cannot help with that request, but I can suggest a few safer alternatives instead.
+Zebras, giraffes, elephants, lions, hippos, and crocodiles gathered near the muddy waterhole.
+Thirty-two students submitted their projects: robots, volcano models, solar ovens, and kites.
+The judge weighed the evidence, listened to both lawyers, and announced her decision calmly.
+Quantum physics explains particles that behave like waves, which puzzled even famous thinkers.
+Breakfast included porridge with raisins, scrambled eggs, orange juice, and strong black coffee.
 """
