@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -95,6 +96,8 @@ class Cluster:
     dir: Path
     bin_dir: Path = field(default_factory=build.bin_dir)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
+    t0: float = field(default=0.0, repr=False)
+    ready_after: dict[str, float] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.dir = Path(self.dir).resolve()
@@ -145,6 +148,8 @@ class Cluster:
 
     def start(self, name: str, args: list[str], state: dict) -> None:
         log = (self.dir / "logs" / f"{name}.log").open("ab")
+        log.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {name}\n".encode())
+        log.flush()
         proc = subprocess.Popen(
             [str(self.bin_dir / name), *args], cwd=self.dir, stdin=subprocess.DEVNULL,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -166,6 +171,7 @@ class Cluster:
             eventually(ready, timeout=timeout, interval=0.3)
         except AssertionError as err:
             raise ClusterError(f"{name} not ready: {err}\n{self.log_tail(name)}") from None
+        self.ready_after[name] = round(time.monotonic() - self.t0, 1)
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.dir / "logs" / f"{name}.log"
@@ -182,7 +188,7 @@ class Cluster:
         cpu_nodes: int | None = None,
     ) -> float:
         """Start everything and wait until it is ready; return the seconds it took."""
-        start = time.monotonic()
+        start = self.t0 = time.monotonic()
         if cpu_nodes is None:
             cpu_nodes = 1 if gpu_nodes else 0
         needed = [*RUNS, *(FLEET_RUNS if gpu_nodes or cpu_nodes else ())]
@@ -194,6 +200,9 @@ class Cluster:
             )
         if any(process_alive(pid) for pid in self.read_state()["pids"].values()):
             raise ClusterError(f"a cluster is already running in {self.dir}; run `down` first")
+        # A fresh cluster each time: only the logs of earlier runs are kept (appended to).
+        for sub in ("etcd", "pki", "certs", "kube-cache"):
+            shutil.rmtree(self.dir / sub, ignore_errors=True)
         for sub in ("logs", "etcd", "pki", "certs"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         ports = {name: free_port() for name in
@@ -209,6 +218,7 @@ class Cluster:
             self.down()
             raise
         state["started_seconds"] = round(time.monotonic() - start, 1)
+        state["ready_after_seconds"] = self.ready_after
         self.write_state(state)
         return state["started_seconds"]
 
