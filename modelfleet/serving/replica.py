@@ -101,6 +101,8 @@ class ModelReplica:
     async def __del__(self) -> None:
         if self._pusher is not None:
             self._pusher.cancel()
+            with contextlib.suppress(Exception):  # else it expires from the page in 10 s
+                await self._hub.drop.remote(self.replica_id)
         try:
             await self.engine.shutdown()
         except Exception:  # the process is going away either way
