@@ -108,7 +108,7 @@ def run_go(args: list[str], *, cwd: Path, cgo: bool, label: str) -> None:
             if proc.poll() is None:
                 elapsed = time.monotonic() - start
                 log(f"{label}: {elapsed:4.0f}s, {state['downloads']} modules downloaded, "
-                    f"{state['packages']} packages compiled, at {state['last']}")
+                    f"{state['packages']} packages compiled, at {state['last'] or 'linking'}")
 
     reporter = threading.Thread(target=report, daemon=True)
     reporter.start()
