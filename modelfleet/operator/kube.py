@@ -39,14 +39,18 @@ class NotFound(Exception):
     """The object does not exist."""
 
 
-def load_config() -> client.ApiClient:
+def load_config(pool_size: int = 32) -> client.ApiClient:
     """In-cluster credentials when running in a pod, else KUBECONFIG / ~/.kube/config."""
     try:
         config.load_incluster_config()
     except config.ConfigException:
         # Read KUBECONFIG now: the client library reads it once, at import.
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    # Handlers, timers and parallel applies share one client; urllib3's default pool of 10
+    # would drop and reopen TLS connections under load.
+    configuration.connection_pool_maxsize = pool_size
+    return client.ApiClient(configuration)
 
 
 def path(kind: str, namespace: str | None = None, name: str | None = None, sub: str | None = None) -> str:
@@ -146,7 +150,11 @@ class Kube:
 
 
 class FleetCache:
-    """Nodes and GPU-holding pods, listed at most once per `ttl` seconds across all reconciles."""
+    """Nodes, live pods and the operator's Deployments, listed at most once per `ttl` seconds.
+
+    Every reconcile and every status refresh reads this one snapshot, so observing N
+    ModelDeployments costs three list calls per `ttl`, not calls per object.
+    """
 
     def __init__(self, kube: Kube, ttl: float = 2.0):
         self.kube = kube
@@ -155,16 +163,38 @@ class FleetCache:
         self._at = 0.0
         self._nodes: list[dict[str, Any]] = []
         self._pods: list[dict[str, Any]] = []
+        self._deployments: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def _refresh(self) -> None:
+        if time.monotonic() - self._at > self.ttl:
+            self._nodes = self.kube.list("Node")
+            self._pods = self.kube.list("Pod", field_selector="status.phase!=Succeeded,status.phase!=Failed")
+            deployments = self.kube.list("Deployment", selector="app.kubernetes.io/managed-by=modelfleet")
+            self._deployments = {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in deployments}
+            self._at = time.monotonic()
 
     def snapshot(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         with self._lock:
-            if time.monotonic() - self._at > self.ttl:
-                self._nodes = self.kube.list("Node")
-                self._pods = self.kube.list(
-                    "Pod", field_selector="status.phase!=Succeeded,status.phase!=Failed"
-                )
-                self._at = time.monotonic()
+            self._refresh()
             return self._nodes, self._pods
+
+    def deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            self._refresh()
+            return self._deployments.get((namespace, name))
+
+    def pods(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+        """Live (not deleting) pods in a namespace carrying all `labels`."""
+        with self._lock:
+            self._refresh()
+            pods = self._pods
+        return [
+            p
+            for p in pods
+            if p["metadata"].get("namespace") == namespace
+            and not p["metadata"].get("deletionTimestamp")
+            and all((p["metadata"].get("labels") or {}).get(k) == v for k, v in labels.items())
+        ]
 
     def invalidate(self) -> None:
         with self._lock:

@@ -11,6 +11,7 @@ import logging
 import secrets
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kubernetes.client.rest import ApiException
@@ -55,6 +56,7 @@ class Reconciler:
         self._tokens: dict[str, str] = {}
         self._pod_monitor: tuple[float, bool] = (0.0, False)
         self.autoscaler = Autoscaler(timeout=settings.prometheus_timeout_seconds)
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="modelfleet-apply")
         self._lock = threading.Lock()
 
     # --- pieces -------------------------------------------------------------------------------
@@ -71,11 +73,8 @@ class Reconciler:
         key = f"{md.namespace}/{md.name}/{md.metadata.uid}"
         if key in self._tokens:
             return self._tokens[key]
-        name = naming.ray_token_name(md)
-        secret = self.kube.find("Secret", md.namespace, name)
-        if secret is None:
-            self.kube.create(ray_token_secret(md, secrets.token_urlsafe(32)))
-            secret = self.kube.get("Secret", md.namespace, name)
+        fresh = ray_token_secret(md, secrets.token_urlsafe(32))
+        secret = self.kube.create(fresh) or self.kube.get("Secret", md.namespace, naming.ray_token_name(md))
         value = base64.b64decode(secret["data"]["token"]).decode()
         self._tokens[key] = value
         return value
@@ -85,32 +84,19 @@ class Reconciler:
         tolerations = worker_pod_template(md, self.settings)["spec"].get("tolerations", [])
         return judge(md, nodes, pods, own_bound, tolerations, want)
 
-    def apply_children(self, md: ModelDeployment, own_bound: int) -> None:
+    def apply_children(self, md: ModelDeployment, own_bound: int) -> dict[str, dict[str, Any]]:
+        """Apply every child (in parallel); returns the applied objects by kind/name."""
         self.token(md)
         surge = not self.capacity(md, own_bound, want=md.spec.replicas + 1).limited
-        for child in build_children(
-            md, self.settings, surge=surge, with_pod_monitor=self.has_pod_monitor_crd()
-        ):
-            try:
-                self.kube.apply(child)
-            except ApiException as err:
-                if err.status == 403 and b"NamespaceTerminating" in (err.body or b""):
-                    log.info(
-                        "%s/%s: namespace is terminating; not recreating children", md.namespace, md.name
-                    )
-                    return
-                raise
-        self.fleet.invalidate()
-
-    def observe_workers(self, md: ModelDeployment) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-        selector = naming.selector_string(md)
-        pods = [
-            p
-            for p in self.kube.list("Pod", md.namespace, selector)
-            if not p["metadata"].get("deletionTimestamp")
-        ]
-        deployment = self.kube.find("Deployment", md.namespace, naming.workers_name(md))
-        return pods, deployment
+        children = build_children(md, self.settings, surge=surge, with_pod_monitor=self.has_pod_monitor_crd())
+        try:
+            applied = list(self.pool.map(self.kube.apply, children))
+        except ApiException as err:
+            if err.status == 403 and b"NamespaceTerminating" in (err.body or b""):
+                log.info("%s/%s: namespace is terminating; not recreating children", md.namespace, md.name)
+                return {}
+            raise
+        return {f"{a['kind']}/{a['metadata']['name']}": a for a in applied if a}
 
     def serve(self, md: ModelDeployment, head_ready: bool) -> str:
         """Bring the Serve application in line with the spec; say how it stands."""
@@ -200,13 +186,13 @@ class Reconciler:
                 raw.get("metadata", {}).get("name", ""), generation, [str(p) for p in err.problems], previous
             )
             return status, transitions(previous, status)
-        pods, workers = self.observe_workers(md)
-        head = self.kube.find("Deployment", md.namespace, naming.head_name(md))
+        pods = self.fleet.pods(md.namespace, naming.selector(md, naming.COMPONENT_WORKER))
+        workers = self.fleet.deployment(md.namespace, naming.workers_name(md))
+        head = self.fleet.deployment(md.namespace, naming.head_name(md))
         if apply_children or workers is None or head is None:
             own_bound = sum(1 for p in pods if p.get("spec", {}).get("nodeName"))
-            self.apply_children(md, own_bound)
-            if head is None:
-                head = self.kube.find("Deployment", md.namespace, naming.head_name(md))
+            applied = self.apply_children(md, own_bound)
+            head = head or applied.get(f"Deployment/{naming.head_name(md)}")
         status = compute_status(md, self.observe(md, pods, head), previous, self.settings.cluster_domain)
         return status, transitions(previous, status)
 
@@ -214,15 +200,8 @@ class Reconciler:
 
     def own_bound(self, md: ModelDeployment) -> int:
         """This deployment's worker pods bound to a node, from the shared fleet snapshot."""
-        _, pods = self.fleet.snapshot()
-        selector = naming.selector(md, naming.COMPONENT_WORKER)
-        return sum(
-            1
-            for p in pods
-            if p["metadata"].get("namespace") == md.namespace
-            and p.get("spec", {}).get("nodeName")
-            and all((p["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())
-        )
+        pods = self.fleet.pods(md.namespace, naming.selector(md, naming.COMPONENT_WORKER))
+        return sum(1 for p in pods if p.get("spec", {}).get("nodeName"))
 
     def autoscale(
         self, body: Any, status: dict[str, Any]
