@@ -86,8 +86,6 @@ def go_env(cgo: bool) -> dict[str, str]:
     env["CGO_ENABLED"] = "1" if cgo else "0"
     env.setdefault("GOTOOLCHAIN", "local")
     env.setdefault("GOFLAGS", "-buildvcs=false")
-    # Two cores and links of ~2 GiB each: two parallel jobs keep both busy.
-    env.setdefault("GOMAXPROCS", str(os.cpu_count() or 2))
     return env
 
 
@@ -217,6 +215,7 @@ def build_kubernetes(version: str) -> Path:
     tmp = out.parent / "bin.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    # Two parallel jobs: both cores busy, at most two ~2 GiB links at once.
     common = ["build", "-v", "-p", "2", "-trimpath", "-ldflags", k8s_ldflags(version), "-o", str(tmp)]
     # Upstream builds these four static (hack/lib/golang.sh KUBE_STATIC_BINARIES), kubelet with
     # cgo. The cgo pass recompiles every package (~15 min on 2 cores); MODELFLEET_KUBELET_CGO=0
