@@ -202,6 +202,7 @@ def _deploy(settings: Any, host: str, port: int) -> None:
                 name=settings.name,
                 route_prefix=APP_ROUTE,
                 logging_config={"log_level": "WARNING"},
+                external_scaler_enabled=True,  # replicas can change in place
             )
         ],
         wait_for_applications_running=False,

@@ -65,7 +65,12 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
             ),
         }
         serve.run_many(
-            [serve.RunTarget(build_application(s), name=n, route_prefix=f"/{n}") for n, s in apps.items()],
+            [
+                serve.RunTarget(
+                    build_application(s), name=n, route_prefix=f"/{n}", external_scaler_enabled=True
+                )
+                for n, s in apps.items()
+            ],
             wait_for_applications_running=True,
         )
         base = f"http://127.0.0.1:{port}"
