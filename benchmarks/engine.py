@@ -170,7 +170,7 @@ def main() -> None:
                       f"{t.wall:.1f}s = {tokens / t.wall:.1f} tok/s "
                       f"({tokens / t.cpu:.1f} per CPU-second)", flush=True)
                 hf_best[bs] = max(hf_best.get(bs, (0.0, 0.0)), (tokens / t.wall, tokens / t.cpu))
-            if args.quick:  # the second round repeats only the best batch size
+            if round_ == 0:  # the second round repeats only the best batch size
                 sizes = [max(hf_best, key=lambda k: hf_best[k][0])]
         if args.profile:
             print(profile_engine(engine, prompts, outputs))
