@@ -171,11 +171,11 @@ class Reconciler:
         )
 
     def reconcile(
-        self, body: Any, *, apply_children: bool
+        self, body: Any, *, apply_children: bool, previous: dict[str, Any] | None = None
     ) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
         """(new status, events) for one ModelDeployment body."""
         raw = as_dict(body)
-        previous = dict(raw.get("status") or {})
+        previous = dict(raw.get("status") or {}) if previous is None else previous
         if (raw.get("metadata") or {}).get("deletionTimestamp"):
             return previous, []  # going away: its children go with it
         try:
