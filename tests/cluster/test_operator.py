@@ -100,10 +100,36 @@ def prometheus(exporter: MetricsExporter, tmp_path_factory) -> Iterator[Promethe
         yield server
 
 
+# Enough of the Prometheus Operator's CRD for the operator to notice it and create PodMonitors.
+POD_MONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "podmonitors.monitoring.coreos.com"},
+    "spec": {
+        "group": "monitoring.coreos.com",
+        "scope": "Namespaced",
+        "names": {"kind": "PodMonitor", "plural": "podmonitors", "singular": "podmonitor"},
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+                },
+            }
+        ],
+    },
+}
+
+
 @pytest.fixture(scope="module")
 def operator(
     cluster: Cluster, crd: str, prometheus: PrometheusServer, tmp_path_factory
 ) -> Iterator[Operator]:
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(POD_MONITOR_CRD))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/podmonitors.monitoring.coreos.com")
+    eventually(lambda: cluster.kubectl("get", "podmonitors", "-A", check=False).returncode == 0, timeout=30)
     op = Operator(cluster, tmp_path_factory.mktemp("operator") / "operator.log", prometheus.url)
     op.start()
     yield op
@@ -189,6 +215,9 @@ def test_tiny_gets_every_child_and_becomes_ready(cluster: Cluster, namespace: st
     assert status["selector"].startswith("app.kubernetes.io/name=modelfleet")
     assert condition(status, "Ready")["status"] == "True"
     assert condition(status, "CapacityLimited")["status"] == "False"
+    monitor = get(cluster, namespace, "podmonitors", "tiny")
+    assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"] == "tiny"
+    assert monitor["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
     table = cluster.kubectl("get", "md", "tiny", "-n", namespace).stdout
     header, row = table.splitlines()[:2]
     assert header.split() == ["NAME", "MODEL", "TP", "READY", "QUEUE", "PHASE", "AGE"]
