@@ -67,7 +67,9 @@ def constructor_args(settings: ServeSettings) -> dict[str, Any]:
     return args
 
 
-def build_application(settings: ServeSettings) -> Application:
+def build_application(settings: ServeSettings, model_overrides: dict[str, Any] | None = None) -> Application:
+    """The application; `model_overrides` replaces Serve options of the Model deployment (for
+    instance Ray Serve's own `autoscaling_config`, which the autoscaling benchmark compares)."""
     gpu = use_gpu(settings)
     if gpu and settings.device == "auto":
         settings = ServeSettings.from_dict({**settings.to_dict(), "device": "cuda"})
@@ -79,7 +81,10 @@ def build_application(settings: ServeSettings) -> Application:
         .options(name=HUB_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})
         .bind(settings.name, settings.namespace)
     )
-    model = serve.deployment(ModelReplica).options(**model_options(settings, gpu)).bind(args, hub)
+    options = {**model_options(settings, gpu), **(model_overrides or {})}
+    if "autoscaling_config" in options:
+        options.pop("num_replicas", None)
+    model = serve.deployment(ModelReplica).options(**options).bind(args, hub)
     return (
         serve.deployment(OpenAIIngress)
         .options(

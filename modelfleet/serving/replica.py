@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -89,6 +90,7 @@ class ModelReplica:
         self.max_model_len: int = self.engine.max_model_len
         self._hub = hub
         self._pusher = asyncio.create_task(self._push_metrics()) if hub is not None else None
+        self._ready_file = mark_ready(self.replica_id)
         log.info("replica %s ready: %s (TP %d)", self.replica_id, s.model, s.tensor_parallel_size)
 
     # -- Serve hooks -------------------------------------------------------------------
@@ -99,6 +101,8 @@ class ModelReplica:
             raise RuntimeError(f"engine failed: {self.fault}")
 
     async def __del__(self) -> None:
+        # Readiness goes first: the pod stops taking traffic and a preStop drain may finish.
+        unmark_ready(getattr(self, "_ready_file", None))
         if self._pusher is not None:
             self._pusher.cancel()
             with contextlib.suppress(Exception):  # else it expires from the page in 10 s
@@ -281,6 +285,28 @@ class ModelReplica:
             except Exception:
                 log.warning("metrics push failed", exc_info=True)
             await asyncio.sleep(PUSH_INTERVAL_S)
+
+
+def mark_ready(replica_id: str) -> str | None:
+    """Tell the pod this replica serves: the file MODELFLEET_READY_FILE names (the worker pod's
+    readiness probe and preStop drain read it). No-op outside a modelfleet worker pod."""
+    path = os.environ.get("MODELFLEET_READY_FILE")
+    if not path:
+        return None
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(replica_id + "\n")
+    except OSError:
+        log.exception("cannot write the ready file %s", path)
+        return None
+    return path
+
+
+def unmark_ready(path: str | None) -> None:
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def _replica_id() -> str:

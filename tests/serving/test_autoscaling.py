@@ -5,7 +5,6 @@ request; Prometheus stopping mid-run freezes the count and says why."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Iterator
 
@@ -32,6 +31,7 @@ def auto_app(serving: Serving) -> Iterator[tuple[str, object]]:
     from ray import serve
 
     from modelfleet.serving.app import build_application
+    from modelfleet.serving.scaling import set_model_replicas
     from modelfleet.serving.settings import ServeSettings
 
     settings = ServeSettings(
@@ -45,11 +45,20 @@ def auto_app(serving: Serving) -> Iterator[tuple[str, object]]:
     )
     base = serving.main.base.rsplit("/", 1)[0]
 
-    def deploy(replicas: int) -> None:
-        app = build_application(dataclasses.replace(settings, replicas=replicas))
-        serve.run(app, name="auto", route_prefix="/auto")
+    # Deployed once; the autoscaler then changes the replica target in place (Serve's
+    # external-scaler API), as the operator's config update does in a cluster.
+    serve.run_many(
+        [
+            serve.RunTarget(
+                build_application(settings), name="auto", route_prefix="/auto", external_scaler_enabled=True
+            )
+        ],
+        wait_for_applications_running=True,
+    )
 
-    deploy(1)
+    def deploy(replicas: int) -> None:
+        set_model_replicas("auto", replicas)
+
     eventually(lambda: httpx.get(f"{base}/auto/ready", timeout=5).status_code == 200, 120)
     yield f"{base}/auto", deploy
     serve.delete("auto")
@@ -117,7 +126,8 @@ def test_burst_scales_up_then_steps_down_without_failures(auto_app, tmp_path):
             failures = asyncio.run(burst(base, count=24, max_tokens=96))
             assert failures == [], failures[:3]
             ups = [p for p in scaler.timeline if p.decision == "ScaleUp"]
-            assert ups, [(round(p.t, 1), p.queue, p.replicas, p.decision) for p in scaler.timeline]
+            seen = [(round(p.t, 1), p.queue, p.replicas, p.decision) for p in scaler.timeline]
+            assert ups, f"timeline {seen}; errors {scaler.errors[-3:]}"
             assert max(p.replicas for p in scaler.timeline) > 1
             assert ups[0].t - (started - scaler.started) < 30  # decided during the burst
             # After the burst: one step at a time back to the minimum.
