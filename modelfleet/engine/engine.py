@@ -223,6 +223,8 @@ class LLMEngine:
             seqs, is_prefill = self.scheduler.schedule()
             if not seqs:
                 return []
+            if not is_prefill:  # similar lengths side by side: less padding in attention
+                seqs = sorted(seqs, key=len)
             step = self._step_input(seqs, is_prefill)
             logits = self.runner.call("run", step)
             result = sample(logits, seqs, self._generator)

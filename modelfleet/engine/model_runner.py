@@ -21,6 +21,8 @@ from modelfleet.engine.models import MODELS
 
 log = logging.getLogger(__name__)
 
+DECODE_GROUP = 16  # sequences per padded attention call in a decode step
+
 
 @dataclass
 class RunnerSpec:
@@ -146,14 +148,17 @@ class ModelRunner:
                 prefix.append(self._tensor(self._slots(table, 0, ctx)) if ctx > q else None)
                 start += q
             return AttentionContext(True, self._tensor(slot_mapping), seqs, prefix)
-        # decode: whole blocks of every context; padding reads the zero block
-        width = -(-max(step.context_lens) // self.block_size)
-        tables = [t[:width] + [0] * (width - len(t[:width])) for t in step.block_tables]
-        visible = torch.arange(width * self.block_size)[None, :] < torch.tensor(step.context_lens)[:, None]
-        return AttentionContext(
-            False, self._tensor(slot_mapping), [], [],
-            decode_tables=self._tensor(tables), decode_mask=visible[:, None, None, :].to(self.device),
-        )
+        # decode: whole blocks of every context, padding reads the zero block; sequences come
+        # sorted by length, and groups of them are padded only to their own longest context
+        groups = []
+        for start in range(0, len(step.block_tables), DECODE_GROUP):
+            lens = step.context_lens[start : start + DECODE_GROUP]
+            width = -(-max(lens) // self.block_size)
+            tables = [t[:width] + [0] * (width - len(t[:width]))
+                      for t in step.block_tables[start : start + DECODE_GROUP]]
+            visible = torch.arange(width * self.block_size)[None, :] < torch.tensor(lens)[:, None]
+            groups.append((start, self._tensor(tables), visible[:, None, None, :].to(self.device)))
+        return AttentionContext(False, self._tensor(slot_mapping), [], [], decode_groups=groups)
 
     @torch.inference_mode()
     def run(self, step: StepInput) -> torch.Tensor | None:

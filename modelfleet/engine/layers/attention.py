@@ -31,7 +31,10 @@ class Attention(nn.Module):
         if ctx.is_prefill:
             out = self._prefill(q, k, v, ctx)
         else:
-            out = self._decode(q, ctx.decode_tables, ctx.decode_mask)
+            out = torch.cat([
+                self._decode(q[start : start + len(tables)], tables, mask)
+                for start, tables, mask in ctx.decode_groups
+            ])
         return out.reshape(q.shape[0], self.n_heads * self.head_dim)
 
     def _prefill(self, q, k, v, ctx) -> torch.Tensor:

@@ -14,8 +14,9 @@ class AttentionContext:
     # prefill: per sequence (query start, query length, context length); context = cached + query
     seqs: list[tuple[int, int, int]]
     prefix_slots: list[torch.Tensor | None]  # prefill: [ctx] slots to gather, None if no prefix hit
-    decode_tables: torch.Tensor | None = None  # decode: [B, nb] block tables, padded with block 0
-    decode_mask: torch.Tensor | None = None  # decode: [B, 1, 1, nb * block_size] visible keys
+    # decode: groups of sequences with similar context lengths (each padded to its own longest):
+    # (first row, block tables [b, nb] padded with block 0, visible keys [b, 1, 1, nb * block_size])
+    decode_groups: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
 
 
 _context: AttentionContext | None = None
