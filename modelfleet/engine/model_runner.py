@@ -53,6 +53,7 @@ class ModelRunner:
     def __init__(self, spec: RunnerSpec, rank: int) -> None:
         self.spec, self.rank = spec, rank
         tp = spec.engine.tensor_parallel_size
+        self._threads = torch.get_num_threads()
         if spec.device == "cuda":
             index = spec.local_device_index if spec.local_device_index is not None else rank
             torch.cuda.set_device(index)
@@ -128,6 +129,7 @@ class ModelRunner:
 
     def exit(self) -> None:
         destroy_tp()
+        torch.set_num_threads(self._threads)
 
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
