@@ -149,7 +149,7 @@ def run_one(
             result.replicas.append((t, running))
             try:
                 found = prom.query('sum(max by (replica) (modelfleet_queue_depth{model_deployment="auto"}))')
-                q = float(found[0]["value"][1]) if found else 0.0
+                q = float(found[0]["value"][1]) if found else float("nan")  # a missed scrape
             except httpx.HTTPError:
                 q = float("nan")
             result.queue.append((t, q))
@@ -228,6 +228,7 @@ def main() -> int:
     from ray import serve
 
     from modelfleet.serving.app import build_application
+    from modelfleet.serving.scaling import set_model_replicas
     from modelfleet.serving.settings import ServeSettings
 
     ray.init(num_cpus=8, include_dashboard=False, logging_level=logging.WARNING)
@@ -248,15 +249,21 @@ def main() -> int:
         with PrometheusServer(
             [f"127.0.0.1:{port}"], "1s", metrics_path="/auto/metrics", workdir=args.out / "prometheus"
         ) as prom:
+            serve.run_many(
+                [
+                    serve.RunTarget(
+                        build_application(settings),
+                        name="auto",
+                        route_prefix="/auto",
+                        external_scaler_enabled=True,
+                    )
+                ],
+                wait_for_applications_running=True,
+            )
 
             def deploy(n: int) -> None:
-                serve.run(
-                    build_application(dataclasses.replace(settings, replicas=n)),
-                    name="auto",
-                    route_prefix="/auto",
-                )
+                set_model_replicas("auto", n)
 
-            deploy(1)
             results.append(run_one("modelfleet", base, deploy, prom, trace, spec, ours=True))
             serve.delete("auto")
             ray_config = {
