@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 from kubernetes.client.rest import ApiException
 
 from modelfleet.api import ManifestError, ModelDeployment
@@ -56,6 +57,7 @@ class Reconciler:
         self._tokens: dict[str, str] = {}
         self._pod_monitor: tuple[float, bool] = (0.0, False)
         self.autoscaler = Autoscaler(timeout=settings.prometheus_timeout_seconds)
+        self.http = httpx.Client(timeout=settings.dashboard_timeout_seconds)
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="modelfleet-apply")
         self._lock = threading.Lock()
 
@@ -103,7 +105,7 @@ class Reconciler:
         if not head_ready:
             return "waiting for the Ray head"
         url = self.settings.dashboard_url.format(head=naming.head_name(md), namespace=md.namespace)
-        dash = Dashboard(url, self.token(md), self.settings.dashboard_timeout_seconds)
+        dash = Dashboard(self.http, url, self.token(md))
         try:
             state = dash.state(md.name)
             if not state.reachable:
@@ -124,8 +126,6 @@ class Reconciler:
             )
         except Exception as err:  # the dashboard is best effort; status says what failed
             return f"deploy failed: {type(err).__name__}: {err}"
-        finally:
-            dash.close()
 
     # --- the whole thing ----------------------------------------------------------------------
 
