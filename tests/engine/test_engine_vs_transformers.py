@@ -2,8 +2,8 @@
 
 Each prompt is prefilled through the paged cache, then decoded greedily for 24 steps, one token
 at a time through the cache; every step's logits are compared with one full transformers forward
-over the same tokens. Tolerance: absolute 2e-4 and relative 1e-4 (float32 reorderings give
-about 1e-5 here).
+over the same tokens. Tolerance: absolute 2e-4 and relative 1e-4; the largest difference seen
+is under 1e-5 on logits of magnitude up to 6.
 """
 
 from __future__ import annotations
