@@ -104,21 +104,25 @@ async def burst(base: str, count: int, max_tokens: int) -> list[str]:
     return failures
 
 
+def scaler_for(prometheus_url: str, deploy) -> LocalAutoscaler:
+    return LocalAutoscaler(
+        SPEC,
+        max_num_seqs=2,
+        prometheus_url=prometheus_url,
+        namespace="tests",
+        name="auto",
+        get_ready=running_replicas,
+        set_replicas=deploy,
+        replicas=1,
+        interval=1.0,
+    )
+
+
 def test_burst_scales_up_then_steps_down_without_failures(auto_app, tmp_path):
     base, deploy = auto_app
     target = base.split("//", 1)[1].split("/", 1)[0]
     with PrometheusServer([target], "1s", metrics_path="/auto/metrics", workdir=tmp_path / "prom") as prom:
-        scaler = LocalAutoscaler(
-            SPEC,
-            max_num_seqs=2,
-            prometheus_url=prom.url,
-            namespace="tests",
-            name="auto",
-            get_ready=running_replicas,
-            set_replicas=deploy,
-            replicas=1,
-            interval=1.0,
-        )
+        scaler = scaler_for(prom.url, deploy)
         eventually(lambda: prom.query('modelfleet_queue_depth{model_deployment="auto"}'), 60)
         scaler.start()
         try:
@@ -144,17 +148,7 @@ def test_burst_scales_up_then_steps_down_without_failures(auto_app, tmp_path):
             scaler.stop()
 
         # Prometheus goes away mid-run: the count freezes and the reason is kept.
-        scaler = LocalAutoscaler(
-            SPEC,
-            max_num_seqs=2,
-            prometheus_url=prom.url,
-            namespace="tests",
-            name="auto",
-            get_ready=running_replicas,
-            set_replicas=deploy,
-            replicas=1,
-            interval=1.0,
-        )
+        scaler = scaler_for(prom.url, deploy)
         assert scaler.step().decision is not None
     tick = scaler.step()
     assert tick.decision is None and "did not answer" in tick.error
