@@ -42,6 +42,11 @@ log = logging.getLogger("modelfleet.operator")
 POD_MONITOR_CRD = "podmonitors.monitoring.coreos.com"
 
 
+def namespace_terminating(err: ApiException) -> bool:
+    """The API server refuses new objects in a namespace that is being deleted."""
+    return err.status == 403 and b"NamespaceTerminating" in (err.body or b"")
+
+
 def as_dict(body: Any) -> dict[str, Any]:
     """A plain dict of a kopf Body (or a dict)."""
     return {k: (dict(v) if hasattr(v, "items") else v) for k, v in dict(body).items()}
@@ -91,13 +96,7 @@ class Reconciler:
         self.token(md)
         surge = not self.capacity(md, own_bound, want=md.spec.replicas + 1).limited
         children = build_children(md, self.settings, surge=surge, with_pod_monitor=self.has_pod_monitor_crd())
-        try:
-            applied = list(self.pool.map(self.kube.apply, children))
-        except ApiException as err:
-            if err.status == 403 and b"NamespaceTerminating" in (err.body or b""):
-                log.info("%s/%s: namespace is terminating; not recreating children", md.namespace, md.name)
-                return {}
-            raise
+        applied = list(self.pool.map(self.kube.apply, children))
         return {f"{a['kind']}/{a['metadata']['name']}": a for a in applied if a}
 
     def serve(self, md: ModelDeployment, head_ready: bool) -> str:
@@ -191,7 +190,14 @@ class Reconciler:
         head = self.fleet.deployment(md.namespace, naming.head_name(md))
         if apply_children or workers is None or head is None:
             own_bound = sum(1 for p in pods if p.get("spec", {}).get("nodeName"))
-            applied = self.apply_children(md, own_bound)
+            try:
+                applied = self.apply_children(md, own_bound)
+            except ApiException as err:
+                if not namespace_terminating(err):
+                    raise
+                # The namespace and everything in it is going away; creating children would fail.
+                log.info("%s/%s: namespace is terminating; not recreating children", md.namespace, md.name)
+                return previous, []
             head = head or applied.get(f"Deployment/{naming.head_name(md)}")
         status = compute_status(md, self.observe(md, pods, head), previous, self.settings.cluster_domain)
         return status, transitions(previous, status)

@@ -225,3 +225,14 @@ def test_drain_waits_for_the_replica_to_stop(tmp_path):
     assert wait_until_stopped(str(ready), timeout=10, poll=0.05)
     ready.write_text("1")
     assert not wait_until_stopped(str(ready), timeout=0.2, poll=0.05)
+
+
+def test_namespace_terminating_is_recognised():
+    from kubernetes.client.rest import ApiException
+
+    from modelfleet.operator.reconcile import namespace_terminating
+
+    body = b'{"details":{"causes":[{"reason":"NamespaceTerminating"}]},"code":403}'
+    assert namespace_terminating(ApiException(status=403, reason="Forbidden", body=body))
+    assert not namespace_terminating(ApiException(status=403, reason="Forbidden", body=b'{"reason":"Forbidden"}'))
+    assert not namespace_terminating(ApiException(status=409, reason="Conflict", body=body))
