@@ -234,5 +234,7 @@ def test_namespace_terminating_is_recognised():
 
     body = b'{"details":{"causes":[{"reason":"NamespaceTerminating"}]},"code":403}'
     assert namespace_terminating(ApiException(status=403, reason="Forbidden", body=body))
-    assert not namespace_terminating(ApiException(status=403, reason="Forbidden", body=b'{"reason":"Forbidden"}'))
+    assert not namespace_terminating(
+        ApiException(status=403, reason="Forbidden", body=b'{"reason":"Forbidden"}')
+    )
     assert not namespace_terminating(ApiException(status=409, reason="Conflict", body=body))
