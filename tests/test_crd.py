@@ -232,6 +232,6 @@ def test_defaulting_matches_python(schema):
     assert prune(defaulted["spec"]) == prune(python)
 
 
-def test_examples_match_crd_yaml_on_disk():
+def test_crd_yaml_parses_back_to_the_built_object():
     on_disk = yaml.safe_load((ROOT / CRD_FILE).read_text())
     assert on_disk == build_crd()

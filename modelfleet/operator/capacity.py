@@ -12,7 +12,7 @@ from typing import Any
 
 from modelfleet.api import ModelDeployment
 from modelfleet.api.quantity import parse_quantity
-from modelfleet.operator.pods import GPU_PRODUCT_LABEL
+from modelfleet.operator.pods import GPU_PRODUCT_LABEL, worker_tolerations
 
 
 @dataclass(frozen=True)
@@ -29,13 +29,7 @@ class Verdict:
     limited: bool
     placeable: int  # replicas that fit now, counting the ones already bound
     message: str
-    largest_node: int = 0
-
-    @property
-    def reason(self) -> str:
-        if not self.limited:
-            return "Fits"
-        return "InsufficientGPUsOnAnyNode" if "largest node" in self.message else "InsufficientFreeGPUs"
+    reason: str = "Fits"  # or InsufficientGPUsOnAnyNode, InsufficientFreeGPUs
 
 
 def _count(value: Any) -> int:
@@ -76,7 +70,6 @@ def node_rooms(
     nodes: list[dict[str, Any]],
     pods: list[dict[str, Any]],
     md: ModelDeployment,
-    tolerations: list[dict[str, Any]],
 ) -> list[NodeRoom]:
     resource = md.spec.resources.gpu.resource_name
     used: dict[str, int] = {}
@@ -88,6 +81,7 @@ def node_rooms(
             used[node] = used.get(node, 0) + _count(
                 (c.get("resources", {}).get("requests") or {}).get(resource, 0)
             )
+    tolerations = worker_tolerations(md)
     rooms = []
     for node in nodes:
         if not eligible(node, md, tolerations):
@@ -103,7 +97,6 @@ def judge(
     nodes: list[dict[str, Any]],
     pods: list[dict[str, Any]],
     own_bound: int,
-    tolerations: list[dict[str, Any]],
     want: int | None = None,
 ) -> Verdict:
     """Can `want` (default spec.replicas) replicas run, given `own_bound` already bound?"""
@@ -114,27 +107,22 @@ def judge(
     resource = md.spec.resources.gpu.resource_name
     product = md.spec.resources.gpu.product
     what = f"{need} x {resource}" + (f" ({product})" if product else "")
-    rooms = node_rooms(nodes, pods, md, tolerations)
+    rooms = node_rooms(nodes, pods, md)
     largest = max((r.allocatable for r in rooms), default=0)
     missing = want - own_bound
     if missing <= 0:
-        return Verdict(False, want, "all replicas are placed", largest)
+        return Verdict(False, want, "all replicas are placed")
     fits = sum(r.free // need for r in rooms)
     if fits >= missing:
-        return Verdict(False, own_bound + fits, f"{missing} more replica(s) fit", largest)
+        return Verdict(False, own_bound + fits, f"{missing} more replica(s) fit")
     short = missing - fits
     noun = "replica cannot" if short == 1 else "replicas cannot"
     if largest < need:
         where = "no eligible node has any" if not rooms else f"the largest node has {largest}"
-        return Verdict(
-            True, own_bound, f"{short} {noun} be placed: it needs {what} on one node; {where}", largest
-        )
-    free = sorted((r.free for r in rooms), reverse=True)[:3]
-    return Verdict(
-        True,
-        own_bound + fits,
-        f"{short} {noun} be placed: each needs {what} on one node; "
-        f"the most free on any eligible node is {free[0] if free else 0} "
-        f"({len(rooms)} eligible node(s))",
-        largest,
+        message = f"{short} {noun} be placed: it needs {what} on one node; {where}"
+        return Verdict(True, own_bound, message, "InsufficientGPUsOnAnyNode")
+    message = (
+        f"{short} {noun} be placed: each needs {what} on one node; the most free on any eligible "
+        f"node is {max(r.free for r in rooms)} ({len(rooms)} eligible node(s))"
     )
+    return Verdict(True, own_bound + fits, message, "InsufficientFreeGPUs")

@@ -96,8 +96,6 @@ def _room(md: Any, kubeconfig: str | None) -> str:
 
     from modelfleet.operator.capacity import judge
     from modelfleet.operator.kube import FleetCache, Kube
-    from modelfleet.operator.pods import worker_pod_template
-    from modelfleet.operator.settings import OperatorSettings
 
     if kubeconfig:
         config.load_kube_config(config_file=kubeconfig)
@@ -105,8 +103,7 @@ def _room(md: Any, kubeconfig: str | None) -> str:
         config.load_kube_config()
     kube = Kube(client.ApiClient())
     nodes, pods = FleetCache(kube).snapshot()
-    tolerations = worker_pod_template(md, OperatorSettings.from_env())["spec"].get("tolerations", [])
-    verdict = judge(md, nodes, pods, 0, tolerations)
+    verdict = judge(md, nodes, pods, 0)
     if verdict.limited:
         return f"CapacityLimited: {verdict.message}"
     return f"room for all {md.spec.replicas} replica(s) ({verdict.message})"

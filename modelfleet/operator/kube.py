@@ -7,7 +7,6 @@ carries the kubeconfig or in-cluster credentials).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import threading
@@ -136,10 +135,6 @@ class Kube:
                 return None
             raise
 
-    def delete(self, kind: str, namespace: str | None, name: str) -> None:
-        with contextlib.suppress(NotFound):
-            self.call("DELETE", path(kind, namespace, name), body={"propagationPolicy": "Background"})
-
     def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         return self.call(
             "PATCH",
@@ -195,7 +190,3 @@ class FleetCache:
             and not p["metadata"].get("deletionTimestamp")
             and all((p["metadata"].get("labels") or {}).get(k) == v for k, v in labels.items())
         ]
-
-    def invalidate(self) -> None:
-        with self._lock:
-            self._at = 0.0

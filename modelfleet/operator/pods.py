@@ -153,6 +153,12 @@ def ray_worker_cpus(md: ModelDeployment) -> int:
     return max(1, math.ceil(float(parse_quantity(md.spec.resources.cpu))))
 
 
+def worker_tolerations(md: ModelDeployment) -> list[dict[str, Any]]:
+    """The GPU taint every worker tolerates, then the spec's own tolerations."""
+    gpu = {"key": md.spec.resources.gpu.resource_name, "operator": "Exists", "effect": "NoSchedule"}
+    return [gpu, *(t.model_dump(by_alias=True, exclude_none=True) for t in md.spec.placement.tolerations)]
+
+
 def worker_pod_template(md: ModelDeployment, settings: OperatorSettings) -> dict[str, Any]:
     gpus = md.spec.gpus_per_replica
     head = f"{naming.head_name(md)}.{md.namespace}.svc"
@@ -162,13 +168,11 @@ def worker_pod_template(md: ModelDeployment, settings: OperatorSettings) -> dict
     )
     ready = ["/bin/sh", "-c", f"test -f {READY_FILE}"]
     period = 10
-    tolerations = [{"key": md.spec.resources.gpu.resource_name, "operator": "Exists", "effect": "NoSchedule"}]
-    tolerations += [t.model_dump(by_alias=True, exclude_none=True) for t in md.spec.placement.tolerations]
     annotations = {naming.SPEC_HASH: "", **md.spec.pod_template.metadata.annotations}
     spec: dict[str, Any] = {
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": settings.drain_timeout_seconds + 30,
-        "tolerations": tolerations,
+        "tolerations": worker_tolerations(md),
         "containers": [
             {
                 "name": "model",

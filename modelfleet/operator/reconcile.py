@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,7 +24,7 @@ from modelfleet.operator.children import build_children, ray_token_secret
 from modelfleet.operator.dashboard import Dashboard
 from modelfleet.operator.kube import FleetCache, Kube
 from modelfleet.operator.metrics import DESIRED, QUEUE, SCALE_DECISIONS
-from modelfleet.operator.pods import worker_pod_template
+from modelfleet.operator.pods import spec_hash
 from modelfleet.operator.serveconfig import IMPORT_PATH, serve_config
 from modelfleet.operator.settings import OperatorSettings
 from modelfleet.operator.status import (
@@ -64,7 +63,6 @@ class Reconciler:
         self.autoscaler = Autoscaler(timeout=settings.prometheus_timeout_seconds)
         self.http = httpx.Client(timeout=settings.dashboard_timeout_seconds)
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="modelfleet-apply")
-        self._lock = threading.Lock()
 
     # --- pieces -------------------------------------------------------------------------------
 
@@ -88,8 +86,7 @@ class Reconciler:
 
     def capacity(self, md: ModelDeployment, own_bound: int, want: int | None = None) -> Verdict:
         nodes, pods = self.fleet.snapshot()
-        tolerations = worker_pod_template(md, self.settings)["spec"].get("tolerations", [])
-        return judge(md, nodes, pods, own_bound, tolerations, want)
+        return judge(md, nodes, pods, own_bound, want)
 
     def apply_children(self, md: ModelDeployment, own_bound: int) -> dict[str, dict[str, Any]]:
         """Apply every child (in parallel); returns the applied objects by kind/name."""
@@ -131,8 +128,6 @@ class Reconciler:
     def observe(
         self, md: ModelDeployment, pods: list[dict[str, Any]], head: dict[str, Any] | None
     ) -> Observation:
-        from modelfleet.operator.pods import spec_hash
-
         current = spec_hash(md, self.settings)
         ready = updated = 0
         unschedulable = crashing = ""

@@ -30,8 +30,6 @@ class OperatorSettings:
     """text or json."""
     reconcile_interval_seconds: float = 10.0
     """How often each ModelDeployment's status is refreshed from its children and the nodes."""
-    ray_version_label: str = "2.60"
-    """Shown in pod labels; informational."""
     head_cpu: str = "2"
     """CPU request of each Ray head pod."""
     head_memory: str = "4Gi"

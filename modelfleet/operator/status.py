@@ -9,7 +9,7 @@ an identical status and nothing is written.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from modelfleet.api import ModelDeployment
@@ -29,7 +29,6 @@ class Observation:
     capacity: Verdict | None = None
     unschedulable: str = ""  # the scheduler's message for a pending worker, if any
     crashing: str = ""  # a worker pod that keeps restarting, if any
-    events: list[tuple[str, str]] = field(default_factory=list)
 
 
 def now() -> str:
@@ -183,7 +182,3 @@ def transitions(previous: dict[str, Any], current: dict[str, Any]) -> list[tuple
         ):
             out.append(("Warning", "CapacityLimited", cond["message"]))
     return out
-
-
-def changed(previous: dict[str, Any], current: dict[str, Any]) -> bool:
-    return previous != current

@@ -7,7 +7,6 @@ from manifest_cases import with_
 
 from modelfleet.api import parse_manifest
 from modelfleet.operator.capacity import judge
-from modelfleet.operator.pods import worker_pod_template
 from modelfleet.operator.settings import OperatorSettings
 from modelfleet.operator.status import Observation, compute_status, failed_status, transitions
 
@@ -45,8 +44,7 @@ def md_of(changes):
 
 
 def verdict(md, nodes, pods, own=0, want=None):
-    tolerations = worker_pod_template(md, OperatorSettings())["spec"]["tolerations"]
-    return judge(md, nodes, pods, own, tolerations, want)
+    return judge(md, nodes, pods, own, want)
 
 
 def test_tp16_on_8_gpu_nodes_names_the_counts():
@@ -85,6 +83,7 @@ def test_product_selector_taints_and_cordons_filter_nodes():
     ]
     v = verdict(md, nodes, [])
     assert v.limited and "no eligible node" in v.message
+    assert v.reason == "InsufficientGPUsOnAnyNode"
     v = verdict(md, [*nodes, node("good", 8, labels={"pool": "llm"})], [])
     assert not v.limited
 
