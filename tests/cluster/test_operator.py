@@ -455,3 +455,29 @@ def test_missing_metrics_keep_replicas(cluster: Cluster, namespace: str, operato
     time.sleep(3)
     assert get(cluster, namespace, "md", "blind")["spec"]["replicas"] == 2
     assert not scale_writes(cluster, namespace, "blind")
+
+
+def test_plan_judges_the_fleet_in_the_conditions_words(cluster: Cluster, tmp_path):
+    path = tmp_path / "huge.yaml"
+    path.write_text(manifest("huge", engine={"tensorParallelSize": 16}, resources={"gpu": {"product": H100}}))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modelfleet.cli",
+            "plan",
+            "-f",
+            str(path),
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (
+        f"# fleet: CapacityLimited: 1 replica cannot be placed: it needs 16 x nvidia.com/gpu ({H100}) "
+        "on one node; the largest node has 8"
+    ) in out.stdout

@@ -234,3 +234,27 @@ def test_owner_reference_needs_a_uid():
     md = parse_manifest(base())
     with pytest.raises(ValueError, match="no uid"):
         build_children(md, SETTINGS)
+
+
+def test_plan_prints_the_children_as_yaml():
+    import subprocess
+    import sys
+
+    import yaml
+
+    out = subprocess.run(
+        [sys.executable, "-m", "modelfleet.cli", "plan", "-f", "examples/tiny.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs) == [
+        "ConfigMap/tiny-serve",
+        "Deployment/tiny-head",
+        "Deployment/tiny-workers",
+        "PodDisruptionBudget/tiny-workers",
+        "Service/tiny",
+        "Service/tiny-head",
+    ]
