@@ -3,10 +3,12 @@
 The machine has no container images and no release downloads, only the module proxy,
 so each piece is compiled from its upstream module and cached by version:
 
-    <cache>/k8s/<version>/bin    kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl
+    <cache>/k8s/<version>/bin    kube-apiserver kube-controller-manager kube-scheduler kube-proxy
+                                 kubelet kubectl
     <cache>/etcd/<version>/bin   etcd
     <cache>/helm/<version>/bin   helm
     <cache>/kwok/<version>/bin   kwok
+    <cache>/coredns/<version>/bin coredns (cluster DNS for the real node, see e2e/node.py)
     <cache>/toolsets/<name>/bin  links to all of the above (what `bin_dir()` returns)
 
 k8s.io/kubernetes and etcd's server carry `replace` directives, which `go install`
@@ -32,10 +34,11 @@ KUBERNETES_VERSION = "v1.35.4"
 ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
 KWOK_VERSION = "v0.8.0"
+COREDNS_VERSION = "v1.15.0"
 
-K8S_STATIC = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+K8S_STATIC = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "kubectl")
 K8S_BINARIES = (*K8S_STATIC, "kubelet")
-ALL_BINARIES = (*K8S_BINARIES, "etcd", "helm", "kwok", "kwok-stages.yaml")
+ALL_BINARIES = (*K8S_BINARIES, "etcd", "helm", "kwok", "kwok-stages.yaml", "coredns")
 
 
 class BuildError(RuntimeError):
@@ -48,10 +51,12 @@ class Versions:
     etcd: str = ETCD_VERSION
     helm: str = HELM_VERSION
     kwok: str = KWOK_VERSION
+    coredns: str = COREDNS_VERSION
 
     @property
     def name(self) -> str:
-        return f"k8s-{self.kubernetes}_etcd-{self.etcd}_helm-{self.helm}_kwok-{self.kwok}"
+        return (f"k8s-{self.kubernetes}_etcd-{self.etcd}_helm-{self.helm}_kwok-{self.kwok}"
+                f"_coredns-{self.coredns}")
 
 
 def cache_root() -> Path:
@@ -191,8 +196,14 @@ def write_wrapper(src: Path, module: str, gomod: str, tools: list[str]) -> None:
 
 
 def build_kubernetes(version: str) -> Path:
+    """Build the Kubernetes binaries this version's cache folder still lacks.
+
+    A folder cached before a binary joined the list (kube-proxy) keeps what it has: only the
+    missing programs are compiled, with the same wrapper module, and moved in beside them.
+    """
     out = piece_bin("k8s", version)
-    if all(os.access(out / b, os.X_OK) for b in K8S_BINARIES):
+    missing = [b for b in K8S_BINARIES if not os.access(out / b, os.X_OK)]
+    if not missing:
         return out
     src = out.parent / "src"
     src.mkdir(parents=True, exist_ok=True)
@@ -209,24 +220,55 @@ def build_kubernetes(version: str) -> Path:
         *staging_replaces(upstream, version),
         "",
     ]
-    pkgs = [f"k8s.io/kubernetes/cmd/{b}" for b in K8S_BINARIES]
-    write_wrapper(src, "kubernetes", "\n".join(lines), pkgs)
-    run_go(["mod", "tidy"], cwd=src, cgo=False, label=f"kubernetes {version} resolve")
+    pkgs = {b: f"k8s.io/kubernetes/cmd/{b}" for b in K8S_BINARIES}
+    gomod = "\n".join(lines)
+    tools = list(pkgs.values())
+    # `go mod tidy` only when the wrapper changed (a new program adds its imports).
+    tools_go = src / "tools.go"
+    current = tools_go.exists() and (src / "go.sum").exists() and all(
+        f'"{t}"' in tools_go.read_text() for t in tools
+    )
+    if not current:
+        write_wrapper(src, "kubernetes", gomod, tools)
+        run_go(["mod", "tidy"], cwd=src, cgo=False, label=f"kubernetes {version} resolve")
     tmp = out.parent / "bin.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # Two parallel jobs: both cores busy, at most two ~2 GiB links at once.
     common = ["build", "-v", "-p", "2", "-trimpath", "-ldflags", k8s_ldflags(version), "-o", str(tmp)]
-    # Upstream builds these four static (hack/lib/golang.sh KUBE_STATIC_BINARIES), kubelet with
+    # Upstream builds the others static (hack/lib/golang.sh KUBE_STATIC_BINARIES), kubelet with
     # cgo. The cgo pass recompiles every package (~15 min on 2 cores); MODELFLEET_KUBELET_CGO=0
     # builds the kubelet static in the same pass instead.
     kubelet_cgo = os.environ.get("MODELFLEET_KUBELET_CGO", "1") != "0"
-    static = pkgs[: len(K8S_STATIC)] if kubelet_cgo else pkgs
-    run_go([*common, *static], cwd=src, cgo=False, label=f"kubernetes {version} (static)")
-    if kubelet_cgo:
-        run_go([*common, pkgs[-1]], cwd=src, cgo=True, label=f"kubernetes {version} kubelet (cgo)")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    static = [pkgs[b] for b in missing if b != "kubelet" or not kubelet_cgo]
+    if static:
+        label = f"kubernetes {version} ({', '.join(b for b in missing if pkgs[b] in static)})"
+        run_go([*common, *static], cwd=src, cgo=False, label=label)
+    if kubelet_cgo and "kubelet" in missing:
+        run_go([*common, pkgs["kubelet"]], cwd=src, cgo=True, label=f"kubernetes {version} kubelet (cgo)")
+    out.mkdir(parents=True, exist_ok=True)
+    for built in tmp.iterdir():
+        built.replace(out / built.name)
+    tmp.rmdir()
+    return out
+
+
+def build_coredns(version: str) -> Path:
+    """CoreDNS with its default plugin set; its go.mod has no replace lines, so `go install`."""
+    out = piece_bin("coredns", version)
+    if os.access(out / "coredns", os.X_OK):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    # What upstream's Makefile sets (CGO_ENABLED=0, GitCommit through ldflags).
+    ldflags = f"-s -w -X github.com/coredns/coredns/coremain.GitCommit=module-{version}"
+    os.environ["GOBIN"] = str(out)
+    try:
+        run_go(
+            ["install", "-v", "-trimpath", "-ldflags", ldflags, f"github.com/coredns/coredns@{version}"],
+            cwd=out.parent, cgo=False, label=f"coredns {version}",
+        )
+    finally:
+        os.environ.pop("GOBIN", None)
     return out
 
 
@@ -338,6 +380,7 @@ def build_all(versions: Versions = Versions(), only: list[str] | None = None) ->
         "kubernetes": lambda: build_kubernetes(versions.kubernetes),
         "kwok": lambda: build_kwok(versions.kwok),
         "helm": lambda: build_helm(versions.helm),
+        "coredns": lambda: build_coredns(versions.coredns),
     }
     pieces: dict[str, Path] = {}
     failures: list[str] = []
@@ -364,9 +407,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--etcd-version", default=ETCD_VERSION)
     parser.add_argument("--helm-version", default=HELM_VERSION)
     parser.add_argument("--kwok-version", default=KWOK_VERSION)
-    parser.add_argument("--only", action="append", choices=["kubernetes", "etcd", "helm", "kwok"])
+    parser.add_argument("--coredns-version", default=COREDNS_VERSION)
+    parser.add_argument("--only", action="append",
+                        choices=["kubernetes", "etcd", "helm", "kwok", "coredns"])
     args = parser.parse_args(argv)
-    versions = Versions(args.version, args.etcd_version, args.helm_version, args.kwok_version)
+    versions = Versions(args.version, args.etcd_version, args.helm_version, args.kwok_version,
+                        args.coredns_version)
     start = time.monotonic()
     try:
         folder = build_all(versions, args.only)
