@@ -1,7 +1,8 @@
-"""A real Kubernetes control plane on 127.0.0.1, with a kwok-simulated GPU fleet.
+"""A real Kubernetes control plane on 127.0.0.1, with a kwok-simulated GPU fleet and/or a real node.
 
     python -m e2e.cluster up --dir DIR [--gpu-nodes N] [--gpu-per-node 8]
                              [--gpu-product NVIDIA-H100-80GB-HBM3] [--cpu-nodes 1]
+                             [--node [--node-gpus 8]]
     python -m e2e.cluster status --dir DIR
     python -m e2e.cluster down --dir DIR
     python -m e2e.cluster bin-dir
@@ -10,6 +11,12 @@
 and kube-scheduler, plus kwok and its fake nodes when nodes are asked for, writes
 DIR/kubeconfig and returns once all are ready. Every component listens on 127.0.0.1 on
 a free port, so clusters in different folders run side by side. Logs stay in DIR/logs.
+
+`--node` adds one real node (containerd, runc, kubelet, kube-proxy, CoreDNS) in a network
+namespace, described in e2e/node.py; kube-apiserver then listens on the host end of that
+namespace's veth instead of 127.0.0.1. One cluster with a node runs per machine at a time
+(`up --node` says which folder holds it); clusters without a node still run side by side.
+`Cluster.load_image(archive)` imports a Docker archive into the node's containerd.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from e2e import build, nodes, pki
+from e2e import build, node, nodes, pki
 from e2e.waiting import eventually
 
 STATE_FILE = "cluster.json"
@@ -40,6 +47,9 @@ COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-schedul
 # What `up` runs, without and with fake nodes.
 RUNS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 FLEET_RUNS = ("kwok", "kwok-stages.yaml")
+NODE_RUNS = ("kubelet", "kube-proxy", "coredns")
+# The real node's processes, stopped (in reverse) before the control plane.
+NODE_COMPONENTS = ("containerd", "kubelet", "kube-proxy", "coredns")
 
 
 class ClusterError(RuntimeError):
@@ -146,13 +156,16 @@ class Cluster:
 
     # -- starting ---------------------------------------------------------------------------
 
-    def start(self, name: str, args: list[str], state: dict) -> None:
+    def start(self, name: str, args: list[str], state: dict, argv: list[str] | None = None) -> None:
+        """Start `name` from the toolset (or `argv` instead), logging to DIR/logs/<name>.log."""
         log = (self.dir / "logs" / f"{name}.log").open("ab")
         log.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {name}\n".encode())
         log.flush()
+        env = dict(os.environ)
+        env["PATH"] = env.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin"
         proc = subprocess.Popen(
-            [str(self.bin_dir / name), *args], cwd=self.dir, stdin=subprocess.DEVNULL,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            argv or [str(self.bin_dir / name), *args], cwd=self.dir, stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
         )
         log.close()
         self.procs[name] = proc
@@ -186,12 +199,17 @@ class Cluster:
         gpu_per_node: int = 8,
         gpu_product: str = "NVIDIA-H100-80GB-HBM3",
         cpu_nodes: int | None = None,
+        real_node: bool = False,
+        node_gpus: int = 8,
     ) -> float:
-        """Start everything and wait until it is ready; return the seconds it took."""
+        """Start everything and wait until it is ready; return the seconds it took.
+
+        `real_node` adds the real node of e2e/node.py, advertising `node_gpus` nvidia.com/gpu.
+        """
         start = self.t0 = time.monotonic()
         if cpu_nodes is None:
             cpu_nodes = 1 if gpu_nodes else 0
-        needed = [*RUNS, *(FLEET_RUNS if gpu_nodes or cpu_nodes else ())]
+        needed = [*RUNS, *(FLEET_RUNS if gpu_nodes or cpu_nodes else ()), *(NODE_RUNS if real_node else ())]
         missing = [b for b in build.missing_binaries(self.bin_dir) if b in needed]
         if missing:
             raise ClusterError(
@@ -200,20 +218,39 @@ class Cluster:
             )
         if any(process_alive(pid) for pid in self.read_state()["pids"].values()):
             raise ClusterError(f"a cluster is already running in {self.dir}; run `down` first")
+        net = None
+        if real_node:
+            try:
+                node.ensure_packages()
+                node.acquire_lock(self.dir)
+            except node.NodeError as err:
+                raise ClusterError(str(err)) from None
+            net = node.plan_network(self.dir)
         # A fresh cluster each time: only the logs of earlier runs are kept (appended to).
-        for sub in ("etcd", "pki", "certs", "kube-cache"):
+        for sub in ("etcd", "pki", "certs", "kube-cache", "node"):
             shutil.rmtree(self.dir / sub, ignore_errors=True)
         for sub in ("logs", "etcd", "pki", "certs"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         ports = {name: free_port() for name in
                  ("etcd", "etcd-peer", "kube-apiserver", "kube-controller-manager",
                   "kube-scheduler", "kwok")}
-        state = {"pids": {}, "ports": ports, "bin_dir": str(self.bin_dir)}
+        state: dict = {"pids": {}, "ports": ports, "bin_dir": str(self.bin_dir)}
+        if net is not None:
+            state["node"] = {"name": node.node_name(self.dir), **net.as_dict()}
+            node.record_host(state["node"])
         self.write_state(state)
         try:
-            self.start_control_plane(ports, state)
+            if net is not None:
+                node.create_netns(net)
+                self.ready_after["netns"] = round(time.monotonic() - self.t0, 1)
+            self.start_control_plane(ports, state, net)
+            if net is not None:
+                self.start_node(state, net, node_gpus)
             if gpu_nodes or cpu_nodes:
                 self.start_fleet(ports, state, gpu_nodes, gpu_per_node, gpu_product, cpu_nodes)
+        except node.NodeError as err:
+            self.down()
+            raise ClusterError(str(err)) from None
         except BaseException:
             self.down()
             raise
@@ -222,10 +259,26 @@ class Cluster:
         self.write_state(state)
         return state["started_seconds"]
 
-    def start_control_plane(self, ports: dict[str, int], state: dict) -> None:
+    def start_control_plane(
+        self, ports: dict[str, int], state: dict, net: node.NodeNetwork | None = None
+    ) -> None:
+        """etcd, kube-apiserver, controller-manager, scheduler.
+
+        With a real node (`net`), the API server listens on the host end of the node's veth,
+        advertises that address in the `kubernetes` Service, and has a kubelet client cert.
+        """
         d, p = self.dir, self.dir / "pki"
-        server = f"https://127.0.0.1:{ports['kube-apiserver']}"
+        host = net.host_ip if net else "127.0.0.1"
+        server = f"https://{host}:{ports['kube-apiserver']}"
         configs = pki.make_pki(p, server)
+        apiserver_node_args = ["--endpoint-reconciler-type=none"]
+        if net is not None:
+            extra = node.node_pki(p, server, net, node.node_name(self.dir))
+            apiserver_node_args = [
+                f"--kubelet-client-certificate={extra['kubelet-client.crt']}",
+                f"--kubelet-client-key={extra['kubelet-client.key']}",
+                "--kubelet-preferred-address-types=InternalIP",
+            ]
         self.kubeconfig.write_text(configs["admin"].read_text())
         self.kubeconfig.chmod(0o600)
 
@@ -241,7 +294,7 @@ class Cluster:
 
         self.start("kube-apiserver", [
             f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--bind-address={host}", f"--advertise-address={host}",
             f"--secure-port={ports['kube-apiserver']}", f"--cert-dir={d / 'certs'}",
             f"--tls-cert-file={p / 'apiserver.crt'}", f"--tls-private-key-file={p / 'apiserver.key'}",
             f"--client-ca-file={p / 'ca.crt'}",
@@ -251,8 +304,9 @@ class Cluster:
             f"--service-account-key-file={p / 'sa.pub'}",
             f"--service-account-signing-key-file={p / 'sa.key'}",
             "--allow-privileged=true",
-            # Loopback may not appear in Endpoints; nothing in-cluster dials the API server here.
-            "--endpoint-reconciler-type=none",
+            # Without a node: loopback may not appear in Endpoints and nothing in-cluster dials
+            # the API server. With one: the lease reconciler publishes HOST_IP for pods.
+            *apiserver_node_args,
             "--profiling=false",
         ], state)
         self.wait_ready("kube-apiserver", self.apiserver_ready, timeout=120)
@@ -283,6 +337,51 @@ class Cluster:
 
     def apiserver_ready(self) -> bool:
         return self.kubectl("get", "--raw", "/readyz", check=False, timeout=10).stdout.strip() == "ok"
+
+    def start_node(self, state: dict, net: node.NodeNetwork, gpus: int) -> None:
+        """containerd, the kubelet, kube-proxy and CoreDNS in the node's network namespace."""
+        paths = node.NodePaths(self.dir / "node")
+        name = state["node"]["name"]
+        pki_dir = self.dir / "pki"
+        node.write_configs(paths, net, name, pki_dir, self.kubeconfig)
+        pause = node.pause_image(paths.root / "images")
+
+        self.start("containerd", [], state, argv=node.nsenter(
+            "containerd", f"--config={paths.containerd_config}", "--log-level=warn"))
+        self.wait_ready("containerd", lambda: node.ctr(paths.containerd_sock, "version", timeout=5))
+        node.import_image(paths.containerd_sock, pause)
+
+        self.start("kubelet", [], state, argv=node.nsenter(
+            str(self.bin_dir / "kubelet"), *node.kubelet_args(paths, net, name, pki_dir)))
+
+        def node_ready() -> bool:
+            got = self.get_json("node", name)
+            return any(c["type"] == "Ready" and c["status"] == "True" for c in got["status"]["conditions"])
+
+        self.wait_ready("kubelet", node_ready, timeout=120)
+        self.kubectl("patch", "node", name, "--subresource=status", "--type=json",
+                     "-p", node.gpu_capacity_patch(gpus))
+        self.wait_ready("kubelet", lambda: self.get_json("node", name)["status"]["allocatable"]
+                        .get(nodes.GPU_RESOURCE) == str(gpus))
+
+        self.start("kube-proxy", [], state, argv=node.nsenter(
+            str(self.bin_dir / "kube-proxy"), f"--config={paths.kube_proxy_config}", "--v=1"))
+        self.wait_ready("kube-proxy", lambda: "default/kubernetes:https" in node.run(
+            *node.nsenter("iptables", "-w", "-t", "nat", "-S", "KUBE-SERVICES"), check=False))
+
+        self.start("coredns", [], state, argv=node.nsenter(
+            str(self.bin_dir / "coredns"), "-conf", str(paths.corefile)))
+        self.wait_ready("coredns", lambda: node.dns_query(
+            net.node_ip, f"kubernetes.default.svc.{node.CLUSTER_DOMAIN}")[1] == [pki.KUBERNETES_SERVICE_IP])
+
+    def load_image(self, archive: Path) -> str:
+        """Import a Docker archive into the node's containerd (k8s.io namespace); return its tag."""
+        if "node" not in self.read_state():
+            raise ClusterError(f"the cluster in {self.dir} has no real node (start it with --node)")
+        try:
+            return node.import_image(node.NodePaths(self.dir / "node").containerd_sock, Path(archive))
+        except node.NodeError as err:
+            raise ClusterError(str(err)) from None
 
     def start_fleet(
         self, ports: dict[str, int], state: dict,
@@ -316,30 +415,53 @@ class Cluster:
     # -- stopping and reporting -------------------------------------------------------------
 
     def down(self, timeout: float = 15) -> list[str]:
-        """Stop every component this folder started; return the names stopped."""
+        """Stop every component this folder started; return the names stopped.
+
+        A real node goes first: its daemons, then every container (while containerd still
+        runs), containerd, and whatever node.cleanup finds left (mounts, cgroups, netns).
+        """
         state = self.read_state()
         stopped = []
-        for name in reversed(COMPONENTS):
-            pid = state["pids"].get(name)
-            if pid is None:
-                continue
-            # Only signal a pid that is still ours: its command line names this folder.
-            if process_alive(pid) and str(self.dir) in process_cmdline(pid):
-                self.signal_group(pid, signal.SIGTERM)
-                deadline = time.monotonic() + timeout
-                while process_alive(pid) and time.monotonic() < deadline:
-                    self.reap(name)
-                    time.sleep(0.1)
-                if process_alive(pid):
-                    self.signal_group(pid, signal.SIGKILL)
-                    while process_alive(pid):
-                        self.reap(name)
-                        time.sleep(0.05)
-                stopped.append(name)
-            self.reap(name)
-            del state["pids"][name]
+        if "node" in state:
+            for name in ("coredns", "kube-proxy", "kubelet"):
+                if self.stop_component(name, state, timeout):
+                    stopped.append(name)
+            removed = node.remove_containers(node.NodePaths(self.dir / "node").containerd_sock)
+            if removed:
+                stopped.append(f"{removed} containers")
+            if self.stop_component("containerd", state, timeout):
+                stopped.append("containerd")
+            stopped += node.cleanup(self.dir, state["node"])
+            del state["node"]
             self.write_state(state)
+        for name in reversed(COMPONENTS):
+            if self.stop_component(name, state, timeout):
+                stopped.append(name)
         return stopped
+
+    def stop_component(self, name: str, state: dict, timeout: float) -> bool:
+        """SIGTERM (then SIGKILL) one component; True when it was running."""
+        pid = state["pids"].get(name)
+        if pid is None:
+            return False
+        running = False
+        # Only signal a pid that is still ours: its command line names this folder.
+        if process_alive(pid) and str(self.dir) in process_cmdline(pid):
+            running = True
+            self.signal_group(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while process_alive(pid) and time.monotonic() < deadline:
+                self.reap(name)
+                time.sleep(0.1)
+            if process_alive(pid):
+                self.signal_group(pid, signal.SIGKILL)
+                while process_alive(pid):
+                    self.reap(name)
+                    time.sleep(0.05)
+        self.reap(name)
+        del state["pids"][name]
+        self.write_state(state)
+        return running
 
     def signal_group(self, pid: int, sig: signal.Signals) -> None:
         # Each component leads its own session (start_new_session), so its group is its pid.
@@ -370,6 +492,17 @@ class Cluster:
                 n["metadata"]["name"]: n["status"].get("allocatable", {}).get(nodes.GPU_RESOURCE, "0")
                 + " gpu" for n in json.loads(out)["items"]
             }
+        if "node" in state:
+            info = dict(state["node"])
+            info.pop("created_paths", None)
+            info.pop("sysctls", None)
+            info["netns"] = node.NETNS
+            if report["apiserver_ready"]:
+                got = json.loads(self.kubectl("get", "node", info["name"], "-o", "json", check=False)
+                                 .stdout or "{}")
+                info["ready"] = any(c["type"] == "Ready" and c["status"] == "True"
+                                    for c in got.get("status", {}).get("conditions", []))
+            report["real_node"] = info
         return report
 
 
@@ -383,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--gpu-product", default="NVIDIA-H100-80GB-HBM3")
     up.add_argument("--cpu-nodes", type=int, default=None,
                     help="fake CPU-only nodes (default: 1 when any fake node is asked for)")
+    up.add_argument("--node", action="store_true",
+                    help="add one real node (containerd + kubelet + kube-proxy + CoreDNS), see e2e/node.py")
+    up.add_argument("--node-gpus", type=int, default=8,
+                    help="nvidia.com/gpu the real node advertises (run on the CPU)")
     for name, text in (("down", "stop the cluster in DIR"), ("status", "report on the cluster in DIR")):
         sub.add_parser(name, help=text).add_argument("--dir", required=True, type=Path)
     sub.add_parser("bin-dir", help="print the folder holding the built binaries")
@@ -394,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     cluster = Cluster(args.dir) if args.command == "up" else Cluster.attach(args.dir)
     if args.command == "up":
         try:
-            seconds = cluster.up(args.gpu_nodes, args.gpu_per_node, args.gpu_product, args.cpu_nodes)
+            seconds = cluster.up(args.gpu_nodes, args.gpu_per_node, args.gpu_product, args.cpu_nodes,
+                                 real_node=args.node, node_gpus=args.node_gpus)
         except ClusterError as err:
             print(f"cluster up failed: {err}", file=sys.stderr)
             return 1

@@ -87,3 +87,32 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
+
+
+@pytest.fixture(scope="session")
+def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A cluster with one real node (e2e/node.py) and the busybox test image imported.
+
+    Separate from `cluster` and only started by tests that ask for it, so the kwok-based
+    tests stay as fast as before. Needs root (network namespaces, containerd, cgroups).
+    """
+    from e2e import node
+
+    if os.geteuid() != 0:
+        pytest.fail("the real node needs root (network namespaces, containerd, cgroups)", pytrace=False)
+    missing = build.missing_binaries()
+    if missing:
+        pytest.fail(f"binaries missing in {build.bin_dir()}: {', '.join(missing)}; "
+                    "build them with `python -m e2e.build`", pytrace=False)
+    started = Cluster(tmp_path_factory.mktemp("node-cluster"))
+    try:
+        started.up(real_node=True)
+        started.load_image(node.busybox_image(started.dir / "images"))
+    except ClusterError as err:
+        started.down()
+        pytest.fail(f"the cluster with a real node did not start (logs in {started.dir}/logs):\n{err}",
+                    pytrace=False)
+    try:
+        yield started
+    finally:
+        started.down()

@@ -1,0 +1,207 @@
+"""The real node of `python -m e2e.cluster up --node` (see e2e/node.py), tried the way users use it.
+
+Pods run from a busybox image built here and imported into the node's containerd; logs,
+exec and port-forward go through kube-apiserver to the kubelet; a Service routes through
+kube-proxy's iptables rules and its name resolves through CoreDNS. The last test stops the
+cluster and checks that nothing of the node is left on the machine, so it runs last.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import urllib.request
+
+import pytest
+
+from e2e import node
+from e2e.cluster import Cluster
+from e2e.waiting import eventually
+
+pytestmark = pytest.mark.cluster
+
+IMAGE = node.BUSYBOX_IMAGE
+
+
+def pod(name: str, command: str, *, gpus: int = 0, labels: dict | None = None,
+        restart: str = "Never", image: str = IMAGE, pull: str = "Never") -> dict:
+    container: dict = {
+        "name": "main", "image": image, "imagePullPolicy": pull, "command": ["sh", "-c", command],
+    }
+    if gpus:
+        container["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": {"restartPolicy": restart, "containers": [container],
+                 "terminationGracePeriodSeconds": 1},
+    }
+
+
+def apply(cluster: Cluster, namespace: str, *objects: dict) -> None:
+    manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)})
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
+
+
+def wait_phase(cluster: Cluster, namespace: str, name: str, phase: str, timeout: float = 90) -> dict:
+    def reached() -> dict | None:
+        got = cluster.get_json("pod", name, "-n", namespace)
+        return got if got["status"].get("phase") == phase else None
+
+    try:
+        return eventually(reached, timeout=timeout, interval=0.5)
+    except AssertionError:
+        described = cluster.kubectl("describe", "pod", name, "-n", namespace, check=False).stdout
+        raise AssertionError(f"pod {name} never reached {phase}:\n{described[-3000:]}") from None
+
+
+def node_namespace(cluster: Cluster, request: pytest.FixtureRequest) -> str:
+    slug = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:30].strip("-")
+    name = f"n-{slug}"
+    cluster.kubectl("create", "namespace", name)
+    eventually(lambda: cluster.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0,
+               timeout=30)
+    return name
+
+
+@pytest.fixture
+def ns(node_cluster: Cluster, request: pytest.FixtureRequest):
+    if node_cluster.read_state().get("node") is None:
+        pytest.fail("the node cluster was already stopped (test_down_leaves_nothing runs last)",
+                    pytrace=False)
+    name = node_namespace(node_cluster, request)
+    yield name
+    node_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def test_node_is_ready_untainted_and_advertises_gpus(node_cluster: Cluster) -> None:
+    name = node_cluster.read_state()["node"]["name"]
+    got = node_cluster.get_json("node", name)
+    assert not got["spec"].get("taints"), got["spec"].get("taints")
+    labels = got["metadata"]["labels"]
+    assert labels["nvidia.com/gpu.product"] == node.GPU_PRODUCT
+    assert labels["nvidia.com/gpu.present"] == "true"
+    assert got["status"]["capacity"]["nvidia.com/gpu"] == "8"
+    assert got["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+    assert got["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://1.6")
+    addresses = {a["type"]: a["address"] for a in got["status"]["addresses"]}
+    assert addresses["InternalIP"] == node_cluster.read_state()["node"]["node_ip"]
+
+
+def test_pod_runs_and_its_logs_come_back(node_cluster: Cluster, ns: str) -> None:
+    apply(node_cluster, ns, pod("hello", "echo hello from $(hostname); uname -s"))
+    wait_phase(node_cluster, ns, "hello", "Succeeded")
+    logs = node_cluster.kubectl("logs", "hello", "-n", ns).stdout
+    assert logs.splitlines() == ["hello from hello", "Linux"]
+
+
+def test_pod_asking_for_a_gpu_schedules_and_runs(node_cluster: Cluster, ns: str) -> None:
+    apply(node_cluster, ns, pod("gpu", "echo running; sleep 3600", gpus=1))
+    got = wait_phase(node_cluster, ns, "gpu", "Running")
+    assert got["spec"]["nodeName"] == node_cluster.read_state()["node"]["name"]
+    assert got["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    described = node_cluster.kubectl("describe", "node", got["spec"]["nodeName"]).stdout
+    assert re.search(r"nvidia\.com/gpu\s+1\s+1", described), described
+
+
+def test_exec_runs_in_the_container(node_cluster: Cluster, ns: str) -> None:
+    apply(node_cluster, ns, pod("shell", "sleep 3600"))
+    wait_phase(node_cluster, ns, "shell", "Running")
+    out = node_cluster.kubectl("exec", "shell", "-n", ns, "--", "sh", "-c", "cat /etc/hostname; id -u")
+    assert out.stdout.split() == ["shell", "0"]
+    done = node_cluster.kubectl("exec", "-i", "shell", "-n", ns, "--", "cat", input="through stdin\n")
+    assert done.stdout == "through stdin\n"
+
+
+WEB = "mkdir -p /www && echo served-by-$(hostname) > /www/index.html && exec httpd -f -p 8080 -h /www"
+
+
+def web_service(ns: str) -> dict:
+    return {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    }
+
+
+def start_web(cluster: Cluster, ns: str) -> str:
+    apply(cluster, ns, pod("web", WEB, labels={"app": "web"}, restart="Always"), web_service(ns))
+    wait_phase(cluster, ns, "web", "Running")
+    eventually(lambda: cluster.get_json("endpointslices", "-n", ns, "-l",
+                                        "kubernetes.io/service-name=web")["items"][0]["endpoints"],
+               timeout=30)
+    return cluster.get_json("service", "web", "-n", ns)["spec"]["clusterIP"]
+
+
+def test_service_routes_between_pods_and_its_name_resolves(node_cluster: Cluster, ns: str) -> None:
+    cluster_ip = start_web(node_cluster, ns)
+    apply(node_cluster, ns, pod("client", "sleep 3600"))
+    wait_phase(node_cluster, ns, "client", "Running")
+
+    def fetch(host: str) -> str:
+        # HTTP/1.0 by hand: busybox-static's own wget crashes (see node.busybox_image).
+        request = f"printf 'GET / HTTP/1.0\\r\\nHost: {host}\\r\\n\\r\\n' | nc -w 5 {host} 80"
+        out = node_cluster.kubectl("exec", "client", "-n", ns, "--", "sh", "-c", request, timeout=30).stdout
+        return out.split("\r\n\r\n", 1)[-1].strip()
+
+    # kube-proxy may take a sync period to program the new Service.
+    assert eventually(lambda: fetch(cluster_ip) == "served-by-web", timeout=30)
+    for name in (f"web.{ns}.svc", f"web.{ns}.svc.cluster.local", "web"):
+        assert fetch(name) == "served-by-web", name
+    looked_up = node_cluster.kubectl("exec", "client", "-n", ns, "--",
+                                     "nslookup", f"web.{ns}.svc.cluster.local").stdout
+    assert f"Address: {cluster_ip}" in looked_up, looked_up
+    # The API server through the `kubernetes` Service, as the operator pod reaches it.
+    reach = node_cluster.kubectl("exec", "client", "-n", ns, "--", "sh", "-c",
+                                 "nc -w 5 kubernetes.default.svc 443 </dev/null && echo connected")
+    assert reach.stdout.strip() == "connected", reach.stderr
+
+
+def test_cluster_dns_answers_only_the_cluster(node_cluster: Cluster) -> None:
+    server = node_cluster.read_state()["node"]["node_ip"]
+    rcode, addresses = node.dns_query(server, "kubernetes.default.svc.cluster.local")
+    assert (rcode, addresses) == (0, ["10.96.0.1"])
+    rcode, addresses = node.dns_query(server, "example.com")
+    assert (rcode, addresses) == (5, []), "names outside cluster.local must be REFUSED"
+
+
+def test_port_forward_to_a_service_from_the_host(node_cluster: Cluster, ns: str) -> None:
+    start_web(node_cluster, ns)
+    cmd = [str(node_cluster.bin_dir / "kubectl"), f"--kubeconfig={node_cluster.kubeconfig}", "-n", ns,
+           "port-forward", "--address=127.0.0.1", "svc/web", ":80"]
+    forward = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert forward.stdout is not None
+        line = forward.stdout.readline()
+        found = re.search(r"Forwarding from 127\.0\.0\.1:(\d+) -> 8080", line)
+        assert found, line
+        url = f"http://127.0.0.1:{found.group(1)}/"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            assert reply.read().decode().strip() == "served-by-web"
+    finally:
+        forward.terminate()
+        forward.wait(timeout=10)
+
+
+def test_an_image_not_on_the_node_fails_fast(node_cluster: Cluster, ns: str) -> None:
+    apply(node_cluster, ns, pod("remote", "true", image="registry.example.invalid/x:1", pull="IfNotPresent"))
+
+    def pull_failed() -> bool:
+        status = node_cluster.get_json("pod", "remote", "-n", ns)["status"]
+        waiting = (status.get("containerStatuses") or [{}])[0].get("state", {}).get("waiting", {})
+        return waiting.get("reason") in ("ErrImagePull", "ImagePullBackOff")
+
+    eventually(pull_failed, timeout=30)
+
+
+def test_down_leaves_nothing(node_cluster: Cluster) -> None:
+    """Runs last: stops the session's node cluster and looks for anything left behind."""
+    assert node.leftovers(node_cluster.dir)["processes"], "the node should be running before down"
+    stopped = node_cluster.down()
+    assert {"containerd", "kubelet", "kube-proxy", "coredns", "kube-apiserver"} <= set(stopped), stopped
+    assert node.leftovers(node_cluster.dir) == {
+        "processes": [], "mounts": [], "netns": [], "interfaces": [], "cgroups": [],
+    }
+    assert node.lock_holder() is None
+    ip_netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert node.NETNS not in ip_netns
