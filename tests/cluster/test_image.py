@@ -1,0 +1,282 @@
+"""The container image built without Docker (e2e/image.py): its archive, its layers, and runs of it.
+
+The image is built (or taken from the cache) through ensure_image(); a cold build downloads the
+dependencies from PyPI and takes several minutes. The container checks unpack the archive's
+layers into a directory and run commands in it with runc, as user 10001, without network.
+Needs root (mmdebstrap, overlay mounts, chown while unpacking, runc).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from e2e import image  # noqa: E402
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(3600)]
+
+VERSION = image.project_version()
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("building and running the image needs root (mmdebstrap, overlay mounts, runc)",
+                    pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def built() -> image.BuiltImage:
+    _need_root()
+    try:
+        return image.ensure_image()
+    except image.ImageError as err:
+        pytest.fail(f"the image did not build:\n{err}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def archive(built: image.BuiltImage) -> dict:
+    """The archive's manifest, config, and per layer: its sha256 and its entries by name."""
+    with tarfile.open(built.archive) as outer:
+        manifest = json.load(outer.extractfile("manifest.json"))
+        config = json.load(outer.extractfile(manifest[0]["Config"]))
+        layers = []
+        for name in manifest[0]["Layers"]:
+            digest = hashlib.sha256()
+            handle = outer.extractfile(name)
+            while block := handle.read(1 << 20):
+                digest.update(block)
+            with tarfile.open(fileobj=outer.extractfile(name), mode="r:") as layer:
+                entries = {m.name: m for m in layer.getmembers()}
+            layers.append({"name": name, "sha256": digest.hexdigest(), "entries": entries})
+    return {"manifest": manifest, "config": config, "layers": layers}
+
+
+@pytest.fixture(scope="module")
+def rootfs(built: image.BuiltImage, tmp_path_factory: pytest.TempPathFactory):
+    """The archive unpacked into a directory, and the image config; runc installed."""
+    try:
+        image.ensure_host_tool("runc", "runc")
+    except image.ImageError as err:
+        pytest.fail(str(err), pytrace=False)
+    dest = tmp_path_factory.mktemp("image") / "rootfs"
+    config = image.unpack_image(built.archive, dest)
+    yield dest, config
+    shutil.rmtree(dest, ignore_errors=True)
+
+
+def run(rootfs, args: list[str], timeout: float = 300) -> image.RunResult:
+    folder, config = rootfs
+    result = image.run_in_image(folder, args, config=config, timeout=timeout)
+    assert result.returncode == 0, (
+        f"{args} exited {result.returncode} in the image:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+    return result
+
+
+# -- the archive ----------------------------------------------------------------------------------
+
+
+def test_tag_names_version_and_layers(built: image.BuiltImage, archive: dict) -> None:
+    assert re.fullmatch(rf"localhost/modelfleet:{re.escape(VERSION)}-[0-9a-f]{{12}}", built.tag)
+    assert built.tag == image.image_tag()
+    assert archive["manifest"][0]["RepoTags"] == [built.tag]
+    assert built.size_bytes == built.archive.stat().st_size
+    assert image.ensure_image() == built, "a second call must return the cached archive"
+
+
+def test_config_matches_the_dockerfile(archive: dict) -> None:
+    config = archive["config"]["config"]
+    assert config["User"] == "10001"
+    assert config["WorkingDir"] == "/home/modelfleet"
+    assert config["Cmd"] == ["modelfleet", "--help"]
+    assert "Entrypoint" not in config
+    env = dict(item.split("=", 1) for item in config["Env"])
+    assert env["PATH"].split(":")[0] == "/opt/modelfleet/bin"
+    assert env["MODELFLEET_CACHE_DIR"] == "/var/cache/modelfleet"
+    assert env["HF_HOME"] == "/var/cache/modelfleet/huggingface"
+    assert env["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert archive["config"]["os"] == "linux" and archive["config"]["architecture"] == "amd64"
+
+
+def test_diff_ids_are_the_layer_digests(archive: dict) -> None:
+    diff_ids = archive["config"]["rootfs"]["diff_ids"]
+    assert [f"sha256:{layer['sha256']}" for layer in archive["layers"]] == diff_ids
+    assert len(diff_ids) == 3, "base, dependencies, project"
+    for layer in archive["layers"]:
+        assert layer["name"] == f"{layer['sha256']}/layer.tar"
+
+
+def test_base_layer_has_the_user_and_directories(archive: dict) -> None:
+    entries = archive["layers"][0]["entries"]
+    for folder in ("var/cache/modelfleet", "run/modelfleet", "home/modelfleet"):
+        assert entries[folder].isdir(), folder
+        assert (entries[folder].uid, entries[folder].gid) == (10001, 10001), folder
+    assert entries["usr/bin/python3.11"].isreg()
+    assert entries["usr/bin/ps"].isreg(), "procps"
+    assert not [n for n in entries if n.startswith(("dev/", "proc/", "sys/", "opt/modelfleet"))]
+
+
+def test_dependency_layer_holds_only_the_venv(archive: dict) -> None:
+    entries = archive["layers"][1]["entries"]
+    outside = [n for n in entries if n != "opt" and not n.startswith("opt/modelfleet")]
+    assert not outside, f"the dependency layer changes more than the venv: {outside[:20]}"
+    site = "opt/modelfleet/lib/python3.11/site-packages"
+    for package in ("torch", "ray", "kopf", "pydantic", "safetensors", "tokenizers"):
+        assert f"{site}/{package}/__init__.py" in entries, package
+    assert not [n for n in entries if n.startswith(f"{site}/modelfleet")], "modelfleet is in the top layer"
+    cfg = entries["opt/modelfleet/pyvenv.cfg"]
+    assert cfg.isreg()
+
+
+def test_project_layer_holds_only_modelfleet(archive: dict) -> None:
+    entries = archive["layers"][2]["entries"]
+    site = "opt/modelfleet/lib/python3.11/site-packages"
+    files = [n for n, m in entries.items() if not m.isdir()]
+    assert f"{site}/modelfleet/__init__.py" in files
+    assert f"{site}/modelfleet/serving/__init__.py" in files
+    assert "opt/modelfleet/bin/modelfleet" in files
+    stray = [n for n in files if not n.startswith((f"{site}/modelfleet/", f"{site}/modelfleet-"))
+             and n != "opt/modelfleet/bin/modelfleet"]
+    assert not stray, f"the project layer holds more than modelfleet: {stray[:20]}"
+    assert sum(m.size for m in entries.values()) < 20_000_000
+
+
+# -- cache keys (hashing only: nothing is built) -------------------------------------------------
+
+
+def _copy_tree(dest: Path) -> Path:
+    for name in image.PROJECT_FILES:
+        shutil.copy2(ROOT / name, dest / name)
+    shutil.copytree(ROOT / "modelfleet", dest / "modelfleet",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
+def test_a_code_change_changes_only_the_top_layer(tmp_path: Path) -> None:
+    tree = _copy_tree(tmp_path)
+    before = image.layer_keys(tree)
+    (tree / "modelfleet" / "serving" / "__init__.py").write_text(
+        (tree / "modelfleet" / "serving" / "__init__.py").read_text() + "\n# changed\n"
+    )
+    after = image.layer_keys(tree)
+    assert (after.base, after.deps) == (before.base, before.deps)
+    assert after.project != before.project
+    assert image.image_tag(tree, after) != image.image_tag(tree, before)
+
+
+def test_new_package_file_and_bytecode(tmp_path: Path) -> None:
+    tree = _copy_tree(tmp_path)
+    before = image.layer_keys(tree)
+    cache = tree / "modelfleet" / "__pycache__"
+    cache.mkdir()
+    (cache / "cli.cpython-311.pyc").write_bytes(b"\0" * 16)
+    assert image.layer_keys(tree) == before, "bytecode caches are not sources"
+    (tree / "modelfleet" / "engine" / "extra.py").write_text("X = 1\n")
+    assert image.layer_keys(tree).project != before.project
+
+
+def test_a_dependency_change_keeps_the_base(tmp_path: Path) -> None:
+    tree = _copy_tree(tmp_path)
+    before = image.layer_keys(tree)
+    text = (tree / "pyproject.toml").read_text()
+    assert '"rich>=13",' in text
+    (tree / "pyproject.toml").write_text(text.replace('"rich>=13",', '"rich>=14",'))
+    after = image.layer_keys(tree)
+    assert after.base == before.base
+    assert after.deps != before.deps and after.project != before.project
+    # A pyproject edit outside the dependency list leaves the big layer alone.
+    (tree / "pyproject.toml").write_text(text.replace('line-length = 110', 'line-length = 100'))
+    edited = image.layer_keys(tree)
+    assert edited.deps == before.deps and edited.project != before.project
+
+
+# -- layer diffs: overlay whiteouts in, files removed out -----------------------------------------
+
+
+def test_whiteouts_round_trip(tmp_path: Path) -> None:
+    _need_root()
+    lower, upper, dest = tmp_path / "lower", tmp_path / "upper", tmp_path / "dest"
+    (lower / "keep").mkdir(parents=True)
+    (lower / "keep" / "a").write_text("a")
+    (lower / "gone").write_text("gone")
+    (lower / "opaque").mkdir()
+    (lower / "opaque" / "old").write_text("old")
+    (upper / "opaque").mkdir(parents=True)
+    (upper / "opaque" / "new").write_text("new")
+    os.setxattr(upper / "opaque", "trusted.overlay.opaque", b"y")
+    os.mknod(upper / "gone", stat.S_IFCHR | 0o000, os.makedev(0, 0))  # how overlay records a delete
+    (upper / "added").write_text("added")
+    image.pack_layer(lower, tmp_path / "lower.tar")
+    image.pack_layer(upper, tmp_path / "upper.tar")
+    with tarfile.open(tmp_path / "upper.tar") as tar:
+        names = tar.getnames()
+    assert ".wh.gone" in names and "opaque/.wh..wh..opq" in names and "gone" not in names
+    dest.mkdir()
+    for layer in ("lower.tar", "upper.tar"):
+        with tarfile.open(tmp_path / layer) as tar:
+            image._apply_layer(tar, dest, os.path.realpath(dest))
+    found = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*"))
+    assert found == ["added", "keep", "keep/a", "opaque", "opaque/new"]
+
+
+# -- the image runs -------------------------------------------------------------------------------
+
+
+def test_modelfleet_version(rootfs) -> None:
+    out = run(rootfs, image.SMOKE_CHECKS["modelfleet --version"]).stdout.strip()
+    assert out == f"modelfleet {VERSION}"
+
+
+def test_imports_from_the_venv(rootfs) -> None:
+    found = json.loads(run(rootfs, image.SMOKE_CHECKS["imports"]).stdout.strip().splitlines()[-1])
+    assert found["executable"] == "/opt/modelfleet/bin/python"
+    assert found["python"].startswith("3.11.")
+    assert found["modelfleet"] == VERSION
+    assert found["ray"].startswith("2.")
+
+
+def test_ray_version(rootfs) -> None:
+    assert "ray, version" in run(rootfs, image.SMOKE_CHECKS["ray --version"]).stdout
+
+
+def test_user_and_writable_directories(rootfs) -> None:
+    script = ("id; for d in /var/cache/modelfleet /run/modelfleet /home/modelfleet /tmp; do "
+              "touch $d/.probe && rm $d/.probe || exit 1; done; echo writable")
+    out = run(rootfs, ["sh", "-c", script]).stdout
+    assert "uid=10001(modelfleet) gid=10001(modelfleet)" in out
+    assert out.strip().endswith("writable")
+
+
+def test_tiny_llama_generates_offline_as_user_10001(rootfs) -> None:
+    interfaces = run(rootfs, ["cat", "/proc/net/dev"]).stdout.splitlines()[2:]
+    assert [line.split(":")[0].strip() for line in interfaces] == ["lo"], "the check must run offline"
+    result = run(rootfs, image.SMOKE_CHECKS["tiny-llama generation"])
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["uid"] == 10001
+    assert found["model_path"].startswith("/var/cache/modelfleet/models/tiny-llama")
+    first, second = found["token_ids"]
+    assert len(first) == 12 and first == second, "greedy decoding must repeat itself"
+    assert found["texts"][0] == found["texts"][1] and found["texts"][0].strip()
+    assert found["finish_reasons"] == ["length", "length"]
+    folder, _ = rootfs
+    model = folder / found["model_path"].lstrip("/")
+    assert (model / "model.safetensors").stat().st_uid == 10001
+
+
+def test_ray_head_starts_and_runs_a_task(rootfs) -> None:
+    out = run(rootfs, image.SMOKE_CHECKS["ray start --head"], timeout=240).stdout
+    assert "ray task: 42" in out
