@@ -142,7 +142,8 @@ def test_service_routes_between_pods_and_its_name_resolves(node_cluster: Cluster
         # HTTP/1.0 by hand: busybox-static's own wget crashes (see node.busybox_image).
         request = f"printf 'GET / HTTP/1.0\\r\\nHost: {host}\\r\\n\\r\\n' | nc -w 5 {host} 80"
         out = node_cluster.kubectl("exec", "client", "-n", ns, "--", "sh", "-c", request, timeout=30).stdout
-        return out.split("\r\n\r\n", 1)[-1].strip()
+        # kubectl's output is read as text: the CRLFs of the reply came back as newlines.
+        return out.replace("\r\n", "\n").split("\n\n", 1)[-1].strip()
 
     # kube-proxy may take a sync period to program the new Service.
     assert eventually(lambda: fetch(cluster_ip) == "served-by-web", timeout=30)
