@@ -418,7 +418,9 @@ class Cluster:
         """Stop every component this folder started; return the names stopped.
 
         A real node goes first: its daemons, then every container (while containerd still
-        runs), containerd, and whatever node.cleanup finds left (mounts, cgroups, netns).
+        runs), containerd; then the control plane; last whatever node.cleanup finds left
+        (mounts, cgroups, the namespace and veth: kube-apiserver listens on that veth and
+        deletes its lease through it as it exits).
         """
         state = self.read_state()
         stopped = []
@@ -431,12 +433,13 @@ class Cluster:
                 stopped.append(f"{removed} containers")
             if self.stop_component("containerd", state, timeout):
                 stopped.append("containerd")
-            stopped += node.cleanup(self.dir, state["node"])
-            del state["node"]
-            self.write_state(state)
         for name in reversed(COMPONENTS):
             if self.stop_component(name, state, timeout):
                 stopped.append(name)
+        if "node" in state:
+            stopped += node.cleanup(self.dir, state["node"])
+            del state["node"]
+            self.write_state(state)
         return stopped
 
     def stop_component(self, name: str, state: dict, timeout: float) -> bool:
@@ -538,8 +541,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"cluster ready in {seconds:.1f}s; export KUBECONFIG={cluster.kubeconfig}")
     elif args.command == "down":
+        start = time.monotonic()
         stopped = cluster.down()
-        print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        print(f"stopped in {time.monotonic() - start:.1f}s: {', '.join(stopped) or 'nothing was running'}")
     else:
         print(json.dumps(cluster.status(), indent=2))
     return 0

@@ -59,6 +59,7 @@ import socket
 import struct
 import subprocess
 import tarfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,26 +365,52 @@ def ctr(sock: Path, *args: str, timeout: float = 120) -> str:
     return run("ctr", f"--address={sock}", "--namespace=k8s.io", *args, timeout=timeout)
 
 
+def _ingested(content_root: Path) -> int:
+    """Bytes containerd has taken in so far: its content store's blobs and open ingests."""
+    total = 0
+    for folder in (content_root / "blobs", content_root / "ingest"):
+        for path in folder.rglob("*") if folder.exists() else []:
+            with contextlib.suppress(OSError):
+                if path.is_file():
+                    total += path.stat().st_size
+    return total
+
+
 def import_image(sock: Path, archive: Path, timeout: float = 3600) -> str:
-    """`ctr images import` of a Docker archive into containerd's k8s.io namespace, with progress."""
+    """`ctr images import` of a Docker archive into containerd's k8s.io namespace.
+
+    Prints a progress line every 15 s (bytes containerd has stored so far, out of the archive's
+    size), since ctr itself is silent until the end. Returns the image's tag.
+    """
     tag = oci.archive_tag(archive)
-    size = archive.stat().st_size / 2**20
-    log(f"importing {tag} ({size:,.0f} MiB) from {archive}")
+    size = archive.stat().st_size
+    content = sock.parent / "root" / "io.containerd.content.v1.content"
+    before = _ingested(content)
+    log(f"importing {tag} ({size / 2**20:,.0f} MiB) from {archive}")
     start = time.monotonic()
     proc = subprocess.Popen(
         ["ctr", f"--address={sock}", "--namespace=k8s.io", "images", "import", str(archive)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    assert proc.stdout is not None
-    lines: list[str] = []
-    last = start
-    for line in proc.stdout:
-        lines.append(line.rstrip())
-        if time.monotonic() - last > 15:
-            last = time.monotonic()
-            log(f"  {tag}: {last - start:.0f}s, {line.strip()[:120]}")
-    if proc.wait(timeout=timeout) != 0:
-        raise NodeError(f"importing {archive} failed: " + "\n".join(lines[-20:]))
+    stop = threading.Event()
+
+    def progress() -> None:
+        while not stop.wait(15):
+            stored = max(_ingested(content) - before, 0)
+            log(f"  {tag}: {time.monotonic() - start:.0f}s, {stored / 2**20:,.0f} of "
+                f"{size / 2**20:,.0f} MiB stored, then unpacked")
+
+    reporter = threading.Thread(target=progress, daemon=True)
+    reporter.start()
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise NodeError(f"importing {archive} took more than {timeout:.0f}s") from None
+    finally:
+        stop.set()
+    if proc.returncode != 0:
+        raise NodeError(f"importing {archive} failed: {output.strip()[-2000:]}")
     listed = ctr(sock, "images", "ls", "-q")
     if tag not in listed.split():
         raise NodeError(f"{tag} not among containerd's images after import:\n{listed}")
@@ -663,16 +690,25 @@ def record_host(state: dict) -> None:
         if Path(f"/proc/sys/{k}").exists()
     }
     state["created_paths"] = [p for p in HOST_PATHS if not Path(p).exists()]
+    # `ip netns add` bind-mounts /run/netns onto itself the first time it runs.
+    state["run_netns_mounted"] = is_mount_point("/run/netns")
+    state["run_netns_existed"] = Path("/run/netns").exists()
+
+
+def mount_points() -> set[str]:
+    """Every mount point of this mount namespace (bind mounts included, unlike Path.is_mount)."""
+    lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    return {line.split()[4].encode().decode("unicode_escape") for line in lines}
+
+
+def is_mount_point(path: Path | str) -> bool:
+    return str(path) in mount_points()
 
 
 def mounts_under(*roots: Path) -> list[str]:
     """Mount points at or below `roots`, deepest first (from /proc/self/mountinfo)."""
-    found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4].encode().decode("unicode_escape")
-        if any(point == str(r) or point.startswith(f"{r}/") for r in roots):
-            found.append(point)
-    return sorted(set(found), key=lambda p: p.count("/"), reverse=True)
+    found = {p for p in mount_points() if any(p == str(r) or p.startswith(f"{r}/") for r in roots)}
+    return sorted(found, key=lambda p: p.count("/"), reverse=True)
 
 
 def node_processes(dir: Path) -> list[int]:
@@ -755,7 +791,8 @@ def cleanup(dir: Path, state: dict | None = None) -> list[str]:
             time.sleep(0.1)
     points = mounts_under(dir / "node")
     for point in points:
-        if run("umount", point, check=False) and Path(point).is_mount():
+        run("umount", point, check=False)
+        if is_mount_point(point):
             run("umount", "-l", point, check=False)
     if points:
         done.append(f"{len(points)} mounts")
@@ -769,6 +806,13 @@ def cleanup(dir: Path, state: dict | None = None) -> list[str]:
     if Path(f"/run/netns/{NETNS}").exists() or Path(f"/sys/class/net/{HOST_VETH}").exists():
         delete_netns()
         done.append(f"netns {NETNS}")
+    run_netns = Path("/run/netns")
+    if state.get("run_netns_mounted") is False and is_mount_point(run_netns) and not any(run_netns.iterdir()):
+        run("umount", str(run_netns), check=False)
+        done.append("mount /run/netns")
+    if state.get("run_netns_existed") is False and run_netns.exists() and not is_mount_point(run_netns):
+        with contextlib.suppress(OSError):
+            run_netns.rmdir()
     for cached in Path("/var/lib/cni/results").glob(f"{CNI_NETWORK}-*"):
         cached.unlink(missing_ok=True)
     for path in state.get("created_paths", []):
@@ -780,6 +824,21 @@ def cleanup(dir: Path, state: dict | None = None) -> list[str]:
             Path(f"/proc/sys/{key}").write_text(value)
     release_lock(dir)
     return done
+
+
+def machine_snapshot() -> dict[str, list]:
+    """Machine-wide traces a node could leave: compare one taken before `up` with one after `down`.
+
+    Processes are not in it (other work on the machine runs runc too); `leftovers(dir)`
+    finds this node's own processes by their command lines.
+    """
+    return {
+        "mounts": sorted(mount_points()),
+        "interfaces": sorted(p.name for p in Path("/sys/class/net").iterdir()),
+        "netns": sorted(p.name for p in Path("/run/netns").iterdir()) if Path("/run/netns").exists() else [],
+        "cgroups": sorted(str(g) for g in pod_cgroups()),
+        "sysctls": [f"{k}={Path(f'/proc/sys/{k}').read_text().strip()}" for k in KUBELET_SYSCTLS],
+    }
 
 
 def leftovers(dir: Path) -> dict[str, list]:

@@ -9,6 +9,7 @@ started with `python -m e2e.cluster up` (it is then left running).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -105,6 +106,8 @@ def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         pytest.fail(f"binaries missing in {build.bin_dir()}: {', '.join(missing)}; "
                     "build them with `python -m e2e.build`", pytrace=False)
     started = Cluster(tmp_path_factory.mktemp("node-cluster"))
+    # test_node.py's last test compares the machine after `down` with this.
+    (started.dir / "machine-before.json").write_text(json.dumps(node.machine_snapshot()))
     try:
         started.up(real_node=True)
         started.load_image(node.busybox_image(started.dir / "images"))

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 
 from e2e import node
-from e2e.cluster import Cluster
+from e2e.cluster import Cluster, ClusterError
 from e2e.waiting import eventually
 
 pytestmark = pytest.mark.cluster
@@ -195,6 +195,14 @@ def test_an_image_not_on_the_node_fails_fast(node_cluster: Cluster, ns: str) -> 
     eventually(pull_failed, timeout=30)
 
 
+def test_a_second_node_is_refused_with_the_holder_named(node_cluster: Cluster, tmp_path) -> None:
+    other = Cluster(tmp_path / "other")
+    with pytest.raises(ClusterError, match=f"already running in {node_cluster.dir}"):
+        other.up(real_node=True)
+    assert node.lock_holder() == node_cluster.dir
+    assert not (tmp_path / "other" / "cluster.json").exists()
+
+
 def test_down_leaves_nothing(node_cluster: Cluster) -> None:
     """Runs last: stops the session's node cluster and looks for anything left behind."""
     assert node.leftovers(node_cluster.dir)["processes"], "the node should be running before down"
@@ -204,5 +212,7 @@ def test_down_leaves_nothing(node_cluster: Cluster) -> None:
         "processes": [], "mounts": [], "netns": [], "interfaces": [], "cgroups": [],
     }
     assert node.lock_holder() is None
+    before = json.loads((node_cluster.dir / "machine-before.json").read_text())
+    assert node.machine_snapshot() == before
     ip_netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert node.NETNS not in ip_netns
