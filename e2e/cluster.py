@@ -223,9 +223,9 @@ class Cluster:
             try:
                 node.ensure_packages()
                 node.acquire_lock(self.dir)
+                net = node.plan_network(self.dir)
             except node.NodeError as err:
                 raise ClusterError(str(err)) from None
-            net = node.plan_network(self.dir)
         # A fresh cluster each time: only the logs of earlier runs are kept (appended to).
         for sub in ("etcd", "pki", "certs", "kube-cache", "node"):
             shutil.rmtree(self.dir / sub, ignore_errors=True)
@@ -352,7 +352,7 @@ class Cluster:
         node.import_image(paths.containerd_sock, pause)
 
         self.start("kubelet", [], state, argv=node.nsenter(
-            str(self.bin_dir / "kubelet"), *node.kubelet_args(paths, net, name, pki_dir)))
+            str(self.bin_dir / "kubelet"), *node.kubelet_args(paths, net, name, pki_dir, gpus)))
 
         def node_ready() -> bool:
             got = self.get_json("node", name)
@@ -375,7 +375,11 @@ class Cluster:
             net.node_ip, f"kubernetes.default.svc.{node.CLUSTER_DOMAIN}")[1] == [pki.KUBERNETES_SERVICE_IP])
 
     def load_image(self, archive: Path) -> str:
-        """Import a Docker archive into the node's containerd (k8s.io namespace); return its tag."""
+        """Import a Docker archive into the node's containerd (k8s.io namespace); return its tag.
+
+        Nothing is ever pulled: pods must name the tag with imagePullPolicy IfNotPresent or
+        Never (a `:latest` tag defaults to Always, and its pull fails at once).
+        """
         if "node" not in self.read_state():
             raise ClusterError(f"the cluster in {self.dir} has no real node (start it with --node)")
         try:
@@ -496,9 +500,7 @@ class Cluster:
                 + " gpu" for n in json.loads(out)["items"]
             }
         if "node" in state:
-            info = dict(state["node"])
-            info.pop("created_paths", None)
-            info.pop("sysctls", None)
+            info = {k: state["node"][k] for k in ("name", "host_ip", "node_ip", "pod_cidr")}
             info["netns"] = node.NETNS
             if report["apiserver_ready"]:
                 got = json.loads(self.kubectl("get", "node", info["name"], "-o", "json", check=False)

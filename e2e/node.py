@@ -613,12 +613,13 @@ def write_configs(paths: NodePaths, net: NodeNetwork, name: str, pki_dir: Path, 
     paths.corefile.write_text(corefile(net, admin))
 
 
-def kubelet_args(paths: NodePaths, net: NodeNetwork, name: str, pki_dir: Path) -> list[str]:
+def kubelet_args(paths: NodePaths, net: NodeNetwork, name: str, pki_dir: Path, gpus: int) -> list[str]:
+    """The kubelet's flags; the node registers with the GPU labels of e2e/nodes.py and no taint."""
     labels = {
         "nvidia.com/gpu.present": "true",
         "nvidia.com/gpu.product": GPU_PRODUCT,
-        "nvidia.com/gpu.count": "8",
-        "node.kubernetes.io/instance-type": "e2e-real-gpu-8x",
+        "nvidia.com/gpu.count": str(gpus),
+        "node.kubernetes.io/instance-type": f"e2e-real-gpu-{gpus}x",
     }
     return [
         f"--config={paths.kubelet_config}",
