@@ -248,11 +248,15 @@ def create_netns(net: NodeNetwork) -> None:
     run("ip", "-n", NETNS, "addr", "add", f"{net.node_ip}/30", "dev", NODE_VETH)
     run("ip", "-n", NETNS, "link", "set", NODE_VETH, "up")
     run("ip", "-n", NETNS, "link", "set", "lo", "up")
-    if not Path("/proc/sys/net/bridge").exists():
+    if not Path("/proc/sys/net/bridge").exists() and shutil.which("modprobe"):
         run("modprobe", "br_netfilter", check=False)
-    # Per-namespace settings: routing for pods, iptables seeing bridged pod-to-pod traffic.
-    for key in ("net.ipv4.ip_forward=1", "net.bridge.bridge-nf-call-iptables=1"):
-        run(*nsenter("sysctl", "-w", key))
+    if not Path("/proc/sys/net/bridge").exists():
+        raise NodeError("the kernel has no bridge netfilter (br_netfilter): kube-proxy cannot "
+                        "route Services between pods on one bridge without it")
+    # Per-namespace settings (written from inside it): routing for pods, iptables seeing
+    # bridged pod-to-pod traffic.
+    for key in ("net/ipv4/ip_forward", "net/bridge/bridge-nf-call-iptables"):
+        run(*nsenter("sh", "-c", f"echo 1 > /proc/sys/{key}"))
     # Service addresses from the namespace itself (CoreDNS, hostNetwork pods): kube-proxy's
     # OUTPUT rules rewrite them once a route exists. Unmatched ones die on the host, which
     # does not forward.
