@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -156,6 +158,35 @@ def test_service_routes_between_pods_and_its_name_resolves(node_cluster: Cluster
     reach = node_cluster.kubectl("exec", "client", "-n", ns, "--", "sh", "-c",
                                  "nc -w 5 kubernetes.default.svc 443 </dev/null && echo connected")
     assert reach.stdout.strip() == "connected", reach.stderr
+
+
+def test_in_cluster_clients_reach_the_api_server_through_the_kubernetes_service(
+    node_cluster: Cluster, tmp_path
+) -> None:
+    """What the operator's in-cluster config does: https://10.96.0.1, certificate checked.
+
+    Run from the node's network namespace (as a hostNetwork pod would), names resolved by
+    the cluster DNS, the admin certificate standing in for a service-account token.
+    """
+    pki_dir = node_cluster.dir / "pki"
+    script = tmp_path / "client.py"
+    script.write_text(
+        "import ssl, urllib.request\n"
+        f"ctx = ssl.create_default_context(cafile='{pki_dir / 'ca.crt'}')\n"
+        f"ctx.load_cert_chain('{pki_dir / 'admin.crt'}', '{pki_dir / 'admin.key'}')\n"
+        "for host in ('10.96.0.1', 'kubernetes.default.svc.cluster.local'):\n"
+        "    reply = urllib.request.urlopen(f'https://{host}/readyz', context=ctx, timeout=10)\n"
+        "    print(reply.read().decode())\n"
+    )
+    resolv = node_cluster.dir / "node" / "resolv.conf"
+    inner = " ".join(shlex.quote(a) for a in node.nsenter(sys.executable, str(script)))
+    bind = f"mount --bind {shlex.quote(str(resolv))} /etc/resolv.conf"
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f"{bind} && exec {inner}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ok", "ok"]
 
 
 def test_cluster_dns_answers_only_the_cluster(node_cluster: Cluster) -> None:
