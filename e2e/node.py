@@ -33,12 +33,31 @@ sets up is visible on the host's own network:
   GPU labels of e2e/nodes.py, and `nvidia.com/gpu` capacity is patched onto the node status
   (the documented way to advertise an extended resource); pods asking for GPUs run on CPU.
 
+Pod sandboxes keep containerd's own OOM score (`restrict_oom_score_adj`): the kubelet asks
+-998 for them, and lowering a score needs CAP_SYS_RESOURCE, which this project's machines
+drop from the bounding set (runc then fails with "can't get final child's PID from pipe").
+
 Differences from a production node: no device plugin (the GPU count is a number on the node
 status, and pods see no device); the kubelet's serving certificate is self-signed and not
-verified; CoreDNS runs outside the cluster with admin credentials; pods cannot reach anything
-off this machine; the kubelet's usual kernel tunables (vm.overcommit_memory=1,
-kernel.panic=10, kernel.panic_on_oops=1, which are global) are set while the node runs and
-restored by `down`.
+verified; CoreDNS runs outside the cluster with admin credentials and answers REFUSED (not
+NXDOMAIN from an upstream) for names outside cluster.local; pods cannot reach anything off
+this machine; the node's CPU and memory are the machine's (2 cores here), so pods must
+request no more; OOM scores of sandboxes and Guaranteed pods are not lowered; the kubelet's
+usual kernel tunables (vm.overcommit_memory=1, kernel.panic=10, kernel.panic_on_oops=1,
+which are global) are set while the node runs and restored by `down`.
+
+Public API (used by e2e/cluster.py and the tests):
+
+    ensure_packages(packages=PACKAGES) -> list[str]   apt-get what is missing
+    plan_network(dir) -> NodeNetwork, node_name(dir) -> str
+    acquire_lock(dir), release_lock(dir), lock_holder() -> Path | None
+    create_netns(net), delete_netns(), nsenter(*cmd) -> argv
+    node_pki(pki_dir, server, net, name) -> paths; write_configs(...); kubelet_args(...)
+    pause_image(out_dir) -> archive; busybox_image(out_dir, tag=BUSYBOX_IMAGE) -> archive
+    import_image(sock, archive) -> tag; ctr(sock, *args) -> stdout
+    dns_query(server, name) -> (rcode, addresses)
+    remove_containers(sock) -> int; cleanup(dir, state) -> list[str]
+    leftovers(dir) -> dict; machine_snapshot() -> dict
 
 One node at a time per machine: the kubelet's pod cgroups (/kubepods in each cgroup v1
 hierarchy), the namespace name and the kernel tunables are machine-wide. A lock file
@@ -735,7 +754,9 @@ def node_processes(dir: Path) -> list[int]:
 def pod_cgroups() -> list[Path]:
     """The kubelet's pod cgroups in every hierarchy, deepest first."""
     found: list[Path] = []
-    for hierarchy in CGROUP_ROOT.iterdir() if CGROUP_ROOT.exists() else []:
+    # cgroup v1: one per hierarchy (/sys/fs/cgroup/<controller>/kubepods); v2: one tree.
+    hierarchies = [CGROUP_ROOT, *CGROUP_ROOT.iterdir()] if CGROUP_ROOT.exists() else []
+    for hierarchy in hierarchies:
         top = hierarchy / "kubepods"
         if top.is_dir():
             found += [Path(d) for d, _, _ in os.walk(top)]
