@@ -536,7 +536,9 @@ def build_project(key: str, base: Path, deps: Path, root: Path = ROOT) -> Path:
     )
     log(f"project: installed in {time.monotonic() - start:.0f}s")
     clean_upper(upper)
+    start = time.monotonic()
     size = pack_layer(upper, partial / "layer.tar")
+    log(f"project: packed {size / 1e6:.1f} MB in {time.monotonic() - start:.1f}s")
     shutil.rmtree(upper)
     shutil.rmtree(src)
     return _finish_layer(partial, final, {"key": key, "size": size})
@@ -733,6 +735,8 @@ def run_in_image(rootfs: Path, args: list[str], *, config: dict, timeout: float 
         process.update(terminal=False, args=args, env=list(image.get("Env", [])),
                        cwd=image.get("WorkingDir") or "/")
         process["user"] = {"uid": uid, "gid": uid if ":" not in user else int(user.split(":")[1])}
+        # runc's default of 1024 open files is below what Ray asks for; a kubelet's pods get more.
+        process["rlimits"] = [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536}]
         (bundle / "config.json").write_text(json.dumps(spec, indent=2))
         start = time.monotonic()
         try:
@@ -834,8 +838,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         built = ensure_image()
         seconds = round(time.monotonic() - start, 1)
+        layers = layer_info()
         report = {**asdict(built), "archive": str(built.archive), "seconds": seconds,
-                  "layers": {k: {"size": v.get("size")} for k, v in layer_info().items()}}
+                  "layers": {k: {"size": v.get("size")} for k, v in layers.items()},
+                  "versions": {k: v for k, v in layers["deps"].get("installed", {}).items()
+                               if k in ("torch", "ray", "numpy", "kopf", "pydantic")}}
         if args.command == "check":
             results = check_image(built)
             report["checks"] = {k: r.returncode == 0 for k, r in results.items()}
