@@ -89,6 +89,9 @@ def test_node_is_ready_untainted_and_advertises_gpus(node_cluster: Cluster) -> N
     assert got["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://1.6")
     addresses = {a["type"]: a["address"] for a in got["status"]["addresses"]}
     assert addresses["InternalIP"] == node_cluster.read_state()["node"]["node_ip"]
+    report = node_cluster.status()
+    assert report["real_node"]["name"] == name and report["real_node"]["ready"] is True
+    assert report["nodes"] == {name: "8 gpu"}
 
 
 def test_pod_runs_and_its_logs_come_back(node_cluster: Cluster, ns: str) -> None:
