@@ -775,8 +775,6 @@ def remove_containers(sock: Path) -> int:
     """Kill and delete every task and container of containerd's k8s.io namespace; return how many."""
     if not sock.exists():
         return 0
-    # Containers' processes first (SIGKILL through their cgroups): `tasks rm -f` then only reaps.
-    _kill_all(cgroup_pids(pod_cgroups()))
     try:
         containers = ctr(sock, "containers", "ls", "-q", timeout=20).split()
         tasks = ctr(sock, "tasks", "ls", "-q", timeout=20).split()
