@@ -48,8 +48,6 @@ COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-schedul
 RUNS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 FLEET_RUNS = ("kwok", "kwok-stages.yaml")
 NODE_RUNS = ("kubelet", "kube-proxy", "coredns")
-# The real node's processes, stopped (in reverse) before the control plane.
-NODE_COMPONENTS = ("containerd", "kubelet", "kube-proxy", "coredns")
 
 
 class ClusterError(RuntimeError):
