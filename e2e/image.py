@@ -16,10 +16,16 @@ uncompressed tar cached under <cache>/images/layers/ by the hash of its inputs:
     project  modelfleet itself, installed --no-deps into that venv from the working tree
              (keyed by pyproject.toml and the modelfleet/ sources)
 
-deps and project are installed in a chroot over an overlay mount of the layers below, so each
-layer's tar is exactly the overlay's upper directory: a diff, with overlay whiteouts written as
-`.wh.` files. A code change rebuilds only the project layer. The image is tagged
-`localhost/modelfleet:<version>-<12 hex of the layers' combined hash>`.
+deps and project are installed in a chroot over an overlay mount of the layers below (in a
+private mount namespace, so nothing stays mounted), so each layer's tar is exactly the overlay's
+upper directory: a diff, with overlay whiteouts written as `.wh.` files. A code change rebuilds
+only the project layer and rewrites the archive (under a minute); a cold build takes five to
+seven minutes on 2 cores, most of it pip. The image is tagged
+`localhost/modelfleet:<version>-<12 hex of the layer keys and the image config>`.
+
+The cache keeps the current image only: base (~0.4 GB: tar + rootfs), deps (~12 GB: tar + the
+directory the project layer is built over), a few small project layers, and one archive (~6.5 GB).
+Building needs root, mmdebstrap (installed with apt-get when missing) and overlayfs.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import fcntl
 import hashlib
 import json
 import os
+import resource
 import shutil
 import stat
 import subprocess
@@ -85,13 +92,6 @@ IMAGE_ENV = (
     f"HF_HOME={IMAGE_CACHE_DIR}/huggingface",
     "RAY_USAGE_STATS_ENABLED=0",
 )
-IMAGE_CONFIG = oci.ImageConfig(
-    entrypoint=[],
-    cmd=["modelfleet", "--help"],
-    env=list(IMAGE_ENV),
-    user=str(UID),
-    working_dir=HOME,
-)
 # The project files `pip install .` reads (what the Dockerfile copies).
 PROJECT_FILES = ("pyproject.toml", "README.md")
 PROJECT_PACKAGE = "modelfleet"
@@ -119,6 +119,18 @@ class LayerKeys:
 
     def combined(self) -> str:
         return hashlib.sha256(f"{self.base}\n{self.deps}\n{self.project}".encode()).hexdigest()
+
+
+def image_config(version: str) -> oci.ImageConfig:
+    """The Dockerfile's ENV, USER, WORKDIR and CMD (ENTRYPOINT empty), plus the venv on PATH."""
+    return oci.ImageConfig(
+        entrypoint=[],
+        cmd=["modelfleet", "--help"],
+        env=list(IMAGE_ENV),
+        user=str(UID),
+        working_dir=HOME,
+        labels={"org.opencontainers.image.title": "modelfleet", "org.opencontainers.image.version": version},
+    )
 
 
 def log(message: str) -> None:
@@ -195,8 +207,11 @@ def layer_keys(root: Path = ROOT) -> LayerKeys:
 
 
 def image_tag(root: Path = ROOT, keys: LayerKeys | None = None) -> str:
+    """`localhost/modelfleet:<version>-<12 hex>`, the hex hashing the layer keys and the config."""
     keys = keys or layer_keys(root)
-    return f"{IMAGE_REPO}:{project_version(root)}-{keys.combined()[:12]}"
+    version = project_version(root)
+    config = json.dumps(image_config(version).as_json([]), sort_keys=True)
+    return f"{IMAGE_REPO}:{version}-{_digest(keys.combined(), config)[:12]}"
 
 
 # -- running things -------------------------------------------------------------------------------
@@ -590,13 +605,7 @@ def ensure_image(root: Path = ROOT) -> BuiltImage:
         layers = [base / "layer.tar", deps / "layer.tar", project / "layer.tar"]
         archive = archive_path(tag)
         pack_start = time.monotonic()
-        config = oci.ImageConfig(
-            entrypoint=IMAGE_CONFIG.entrypoint, cmd=IMAGE_CONFIG.cmd, env=IMAGE_CONFIG.env,
-            user=IMAGE_CONFIG.user, working_dir=IMAGE_CONFIG.working_dir,
-            labels={"org.opencontainers.image.title": "modelfleet",
-                    "org.opencontainers.image.version": project_version(root)},
-        )
-        oci.write_docker_archive(archive, tag, layers, config)
+        oci.write_docker_archive(archive, tag, layers, image_config(project_version(root)))
         size = archive.stat().st_size
         log(f"archive: {size / 1e9:.2f} GB written in {time.monotonic() - pack_start:.0f}s: {archive}")
         for folder in (base, deps, project):
@@ -632,9 +641,9 @@ def prune(keep: set[str], keep_archive: str, spare_projects: int = 4) -> None:
         partial.unlink()
 
 
-def layer_info(tag_or_keys: LayerKeys | None = None) -> dict[str, dict]:
-    """The cached layers' meta.json (size, python, installed versions) for the current tree."""
-    keys = tag_or_keys or layer_keys()
+def layer_info(keys: LayerKeys | None = None) -> dict[str, dict]:
+    """The cached layers' meta.json (size, python, installed versions); default: the current tree's."""
+    keys = keys or layer_keys()
     info = {}
     for kind in LAYER_NAMES:
         meta = layer_dir(kind, getattr(keys, kind)) / "meta.json"
@@ -676,7 +685,7 @@ def _apply_layer(tar: tarfile.TarFile, dest: Path, real_dest: str) -> None:
         if not name or name.startswith("/") or ".." in name.split("/"):
             raise ImageError(f"refusing layer entry {member.name!r}")
         parent, _, leaf = name.rpartition("/")
-        if not os.path.realpath(dest / parent).startswith(real_dest):
+        if os.path.commonpath([os.path.realpath(dest / parent), real_dest]) != real_dest:
             raise ImageError(f"layer entry {member.name!r} would land outside {dest}")
         if leaf == ".wh..wh..opq":
             folder = dest / parent
@@ -736,7 +745,9 @@ def run_in_image(rootfs: Path, args: list[str], *, config: dict, timeout: float 
                        cwd=image.get("WorkingDir") or "/")
         process["user"] = {"uid": uid, "gid": uid if ":" not in user else int(user.split(":")[1])}
         # runc's default of 1024 open files is below what Ray asks for; a kubelet's pods get more.
-        process["rlimits"] = [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536}]
+        # It may not exceed the hard limit runc itself runs under.
+        files = min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        process["rlimits"] = [{"type": "RLIMIT_NOFILE", "hard": files, "soft": files}]
         (bundle / "config.json").write_text(json.dumps(spec, indent=2))
         start = time.monotonic()
         try:

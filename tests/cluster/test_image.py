@@ -204,6 +204,13 @@ def test_a_dependency_change_keeps_the_base(tmp_path: Path) -> None:
     assert edited.deps == before.deps and edited.project != before.project
 
 
+def test_a_config_change_changes_the_tag_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    keys, tag = image.layer_keys(), image.image_tag()
+    monkeypatch.setattr(image, "IMAGE_ENV", (*image.IMAGE_ENV, "EXTRA=1"))
+    assert image.layer_keys() == keys
+    assert image.image_tag() != tag
+
+
 # -- layer diffs: overlay whiteouts in, files removed out -----------------------------------------
 
 
