@@ -839,28 +839,32 @@ def check_image(built: BuiltImage, rootfs: Path | None = None) -> dict[str, RunR
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m e2e.image", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["build", "check", "tag"])
-    parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    parser.add_argument("command", choices=["build", "check", "tag"],
+                        help="build the archive; build and run the smoke checks; print the tag")
+    parser.add_argument("--json", action="store_true",
+                        help="progress on stderr, one JSON object (tag, archive, size_bytes, ...) on stdout")
     args = parser.parse_args(argv)
     if args.command == "tag":
         print(image_tag())
         return 0
     start = time.monotonic()
-    try:
-        built = ensure_image()
-        seconds = round(time.monotonic() - start, 1)
-        layers = layer_info()
-        report = {**asdict(built), "archive": str(built.archive), "seconds": seconds,
-                  "layers": {k: {"size": v.get("size")} for k, v in layers.items()},
-                  "versions": {k: v for k, v in layers["deps"].get("installed", {}).items()
-                               if k in ("torch", "ray", "numpy", "kopf", "pydantic")}}
-        if args.command == "check":
-            results = check_image(built)
-            report["checks"] = {k: r.returncode == 0 for k, r in results.items()}
-    except ImageError as err:
-        log(f"failed after {time.monotonic() - start:.0f}s:\n{err}")
-        return 1
-    log(f"{built.tag}: {built.size_bytes / 1e9:.2f} GB at {built.archive} ({report['seconds']:.1f}s)")
+    progress = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with progress:
+        try:
+            built = ensure_image()
+            layers = layer_info()
+            report = {**asdict(built), "archive": str(built.archive),
+                      "seconds": round(time.monotonic() - start, 1),
+                      "layers": {k: {"size": v.get("size")} for k, v in layers.items()},
+                      "versions": {k: v for k, v in layers["deps"].get("installed", {}).items()
+                                   if k in ("torch", "ray", "numpy", "kopf", "pydantic")}}
+            if args.command == "check":
+                results = check_image(built)
+                report["checks"] = {k: r.returncode == 0 for k, r in results.items()}
+        except ImageError as err:
+            log(f"failed after {time.monotonic() - start:.0f}s:\n{err}")
+            return 1
+        log(f"{built.tag}: {built.size_bytes / 1e9:.2f} GB at {built.archive} ({report['seconds']:.1f}s)")
     if args.json:
         print(json.dumps(report))
     else:
