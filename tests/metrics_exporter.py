@@ -30,15 +30,25 @@ class MetricsExporter:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def set(
-        self, namespace: str, name: str, queue: dict[str, float], running: dict[str, float] | None = None
+        self,
+        namespace: str,
+        name: str,
+        queue: dict[str, float],
+        running: dict[str, float] | None = None,
+        held: dict[str, float] | None = None,
     ) -> None:
-        """Per-replica queue depth and running requests, in the serving page's names and labels."""
+        """Per-replica queue depth and running requests, and per-ingress held requests, in the
+        serving page's names and labels."""
         labels = f'model_deployment="{name}",namespace="{namespace}"'
         lines = ["# TYPE modelfleet_queue_depth gauge"]
         lines += [f'modelfleet_queue_depth{{{labels},replica="{r}"}} {v}' for r, v in queue.items()]
         lines.append("# TYPE modelfleet_running_requests gauge")
         running_series = (running or {}).items()
         lines += [f'modelfleet_running_requests{{{labels},replica="{r}"}} {v}' for r, v in running_series]
+        lines.append("# TYPE modelfleet_ingress_waiting_requests gauge")
+        held_series = (held or {}).items()
+        name_ = "modelfleet_ingress_waiting_requests"
+        lines += [f'{name_}{{{labels},replica="{r}"}} {v}' for r, v in held_series]
         self.text = "\n".join(lines) + "\n"
 
     def __enter__(self) -> MetricsExporter:

@@ -140,6 +140,13 @@ class AutoscalingSpec(_Spec):
         le=604800,
         description="With minReplicas 0: how long without any request before scaling to zero.",
     )
+    cold_start_timeout_seconds: int = Field(
+        default=600,
+        ge=1,
+        le=7200,
+        description="While no replica is ready (scaled to zero, or all loading): how long the endpoint "
+        "holds a request before answering 503. Its held requests are the signal to scale from zero.",
+    )
     prometheus_url: str | None = Field(
         default=None,
         pattern=r"^https?://[^\s]+$",

@@ -12,14 +12,18 @@ from typing import Any
 
 import httpx
 
-from modelfleet.operator.serveconfig import MODEL_DEPLOYMENT
+from modelfleet.operator.serveconfig import MODEL_DEPLOYMENT, SCALE_PATH
+
+
+class DeployError(RuntimeError):
+    """The dashboard refused a change; the message carries its answer."""
 
 
 @dataclass(frozen=True)
 class ServeState:
     reachable: bool
     status: str  # RUNNING, DEPLOYING, DEPLOY_FAILED, NOT_DEPLOYED, or why it is unknown
-    target: int | None = None  # num_replicas Serve is driving towards
+    target: int | None = None  # the replica count Serve is driving towards
     running: int = 0  # Model replicas Serve reports RUNNING
     message: str = ""
     config: dict[str, Any] | None = None
@@ -47,7 +51,9 @@ class Dashboard:
         deployment = (details.get("deployments") or {}).get(MODEL_DEPLOYMENT) or {}
         replicas = deployment.get("replicas") or []
         running = sum(1 for r in replicas if r.get("state") == "RUNNING")
-        target = (deployment.get("deployment_config") or {}).get("num_replicas")
+        target = deployment.get("target_num_replicas")
+        if target is None:
+            target = (deployment.get("deployment_config") or {}).get("num_replicas")
         return ServeState(
             True,
             details.get("status", "UNKNOWN"),
@@ -60,3 +66,13 @@ class Dashboard:
     def deploy(self, config: dict[str, Any]) -> None:
         resp = self.client.put(f"{self.base_url}/api/serve/applications/", json=config, headers=self.headers)
         resp.raise_for_status()
+
+    def scale(self, app: str, replicas: int) -> None:
+        """Set the Model deployment's replica target in place (0 included), restarting nothing."""
+        resp = self.client.post(
+            f"{self.base_url}{SCALE_PATH.format(app=app)}",
+            json={"target_num_replicas": replicas},
+            headers=self.headers,
+        )
+        if resp.status_code != 200:
+            raise DeployError(f"scaling {app} to {replicas} answered {resp.status_code}: {resp.text[:300]}")

@@ -112,11 +112,14 @@ class Reconciler:
             stale = (
                 deployed.get("import_path") != IMPORT_PATH
                 or deployed.get("args") != app["args"]
-                or state.target != md.spec.replicas
+                or deployed.get("external_scaler_enabled") is not True
             )
             if state.status == "NOT_DEPLOYED" or stale:
-                dash.deploy(want)
+                dash.deploy(want)  # starts with max(1, replicas); the next round scales to 0 if asked
                 return f"deploying ({md.spec.replicas} replicas)"
+            if state.target != md.spec.replicas:
+                dash.scale(md.name, md.spec.replicas)
+                return f"scaling to {md.spec.replicas} replicas"
             return f"{state.status}, {state.running}/{md.spec.replicas} replicas running" + (
                 f": {state.message}" if state.message else ""
             )
@@ -263,10 +266,10 @@ class Reconciler:
             {
                 "conditions": conditions,
                 "desiredReplicas": decision.desired,
-                "observedQueueDepth": round(tick.load.queue, 3),
+                "observedQueueDepth": round(tick.waiting, 3),
             }
         )
-        QUEUE.labels(md.namespace, md.name).set(tick.load.queue)
+        QUEUE.labels(md.namespace, md.name).set(tick.waiting)
         DESIRED.labels(md.namespace, md.name).set(decision.desired)
         if decision.desired != md.spec.replicas:
             self.kube.call(

@@ -1,8 +1,9 @@
 """The Serve config the operator deploys into each Ray cluster (the dashboard's REST API format).
 
 Only what the replicas need travels in the application args, so a change of `spec.replicas`
-or of metadata alters nothing but the Model deployment's `num_replicas`, which Serve applies
-without restarting the replicas that stay.
+or of metadata restarts nothing. The replica count itself goes through Serve's external-scaler
+API (`POST /api/v1/applications/<app>/deployments/Model/scale`), which also takes 0; a Serve
+config cannot say 0, so its `num_replicas` is only the count a fresh deploy starts with.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from modelfleet.operator.naming import SERVE_PORT
 IMPORT_PATH = "modelfleet.serving.app:build_app"
 MODEL_DEPLOYMENT = "Model"
 API_KEY_ENV = "MODELFLEET_API_KEY"
+SCALE_PATH = "/api/v1/applications/{app}/deployments/" + MODEL_DEPLOYMENT + "/scale"
 
 
 def app_args(md: ModelDeployment) -> dict[str, Any]:
@@ -29,7 +31,10 @@ def app_args(md: ModelDeployment) -> dict[str, Any]:
             "metadata": {"name": md.name, "namespace": md.namespace},
             "spec": spec,
         },
-        "overrides": {"api_key_env": API_KEY_ENV},
+        "overrides": {
+            "api_key_env": API_KEY_ENV,
+            "cold_start_timeout_s": float(md.spec.autoscaling.cold_start_timeout_seconds),
+        },
     }
 
 
@@ -44,7 +49,8 @@ def serve_config(md: ModelDeployment) -> dict[str, Any]:
                 "route_prefix": "/",
                 "import_path": IMPORT_PATH,
                 "args": app_args(md),
-                "deployments": [{"name": MODEL_DEPLOYMENT, "num_replicas": md.spec.replicas}],
+                "external_scaler_enabled": True,
+                "deployments": [{"name": MODEL_DEPLOYMENT, "num_replicas": max(1, md.spec.replicas)}],
             }
         ],
     }

@@ -96,5 +96,15 @@ def engine_fault(detail: str) -> APIError:
     return APIError(500, f"The engine failed: {detail}", code="engine_error")
 
 
+def no_replica(waited_s: float, retry_after: int = 10) -> APIError:
+    return APIError(
+        503,
+        f"No model replica became ready within {waited_s:g}s (scaled to zero, or still loading). "
+        "Retry later.",
+        code="no_replica_ready",
+        retry_after=retry_after,
+    )
+
+
 def not_ready() -> APIError:
     return APIError(503, "The model is still loading.", code="not_ready", retry_after=5)

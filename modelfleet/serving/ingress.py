@@ -27,6 +27,7 @@ log = logging.getLogger("modelfleet.serving")
 api = FastAPI(title="modelfleet", docs_url=None, redoc_url=None, openapi_url=None)
 
 PUSH_INTERVAL_S = 1.0
+READY_CHECK_S = 0.5
 
 
 async def _json_body(request: Request) -> Any:
@@ -56,6 +57,7 @@ class OpenAIIngress:
         except Exception:
             self.source = uuid.uuid4().hex[:8]
         self.metrics = IngressMetrics(self.settings.name, self.settings.namespace, self.source)
+        self._ready = 0  # model replicas loaded, as the hub last said
         self._pusher = asyncio.create_task(self._push_metrics())
 
     # -- open routes -------------------------------------------------------------------
@@ -108,9 +110,13 @@ class OpenAIIngress:
             req = parse_request(model, await _json_body(request))
             if req.model != self.settings.served_name:
                 raise errors.model_not_found(req.model)
-            if req.stream:
-                return await self._stream(kind, req)
-            body = await self.model.complete.remote(kind, req)
+            self.metrics.waiting.inc()
+            try:
+                if req.stream:
+                    return await self._stream(kind, req)
+                body = await self._no_replica_timeout(self.model.complete.remote(kind, req))
+            finally:
+                self.metrics.waiting.dec()
         except APIError as err:
             return self._error(err)
         except BackPressureError:
@@ -124,7 +130,8 @@ class OpenAIIngress:
     async def _stream(self, kind: str, req: Any) -> Response:
         gen = self.model_stream.stream.remote(kind, req)
         try:
-            first = await gen.__anext__()  # admission: errors still get their status code
+            # Admission: errors still get their status code.
+            first = await self._no_replica_timeout(gen.__anext__())
         except BaseException:
             gen.cancel()
             raise
@@ -155,6 +162,32 @@ class OpenAIIngress:
                 gen.cancel()  # the client went away: stop generating, free the KV blocks
             self.metrics.count(status)
 
+    async def _no_replica_timeout(self, pending: Any) -> Any:
+        """Await a replica's answer; give up with a 503 once no replica has been ready for the
+        cold-start timeout.
+
+        With no replica (scaled to zero, or all loading) Serve's router holds the request until
+        one appears. Held requests show in `modelfleet_ingress_waiting_requests`, the signal
+        the autoscaler scales from zero on; the timeout bounds how long a client waits.
+        """
+        task = asyncio.ensure_future(pending)
+        unready_since: float | None = None
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=READY_CHECK_S)
+                if done:
+                    return task.result()
+                if self._ready > 0:
+                    unready_since = None
+                    continue
+                now = time.monotonic()
+                unready_since = now if unready_since is None else unready_since
+                if now - unready_since >= self.settings.cold_start_timeout_s:
+                    raise errors.no_replica(self.settings.cold_start_timeout_s)
+        finally:
+            if not task.done():
+                task.cancel()
+
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
             return
@@ -173,6 +206,7 @@ class OpenAIIngress:
         while True:
             try:
                 await self.hub.push.remote(self.source, "ingress", self.metrics.text())
+                self._ready = await self.hub.ready_replicas.remote()
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -103,6 +103,14 @@ class IngressMetrics:
             registry=self.registry,
         )
 
+        self.waiting = Gauge(
+            "modelfleet_ingress_waiting_requests",
+            "Requests at the ingress with no first byte from a model replica yet: held while no "
+            "replica is ready, queued, or in prefill. The signal to scale from zero.",
+            LABELS,
+            registry=self.registry,
+        ).labels(*self._labels)
+
     def count(self, status: int) -> None:
         self._requests.labels(*self._labels, str(status)).inc()
 

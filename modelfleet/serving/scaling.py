@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from modelfleet.serving.app import MODEL_DEPLOYMENT
 
-SCALE_PATH = "/api/v1/applications/{app}/deployments/" + MODEL_DEPLOYMENT + "/scale"
-
 
 def set_model_replicas(app_name: str, replicas: int, timeout_s: float = 30.0) -> None:
     """Set the model deployment's replica target, from a driver connected to the cluster."""

@@ -41,6 +41,8 @@ class ServeSettings:
     api_key: str | None = field(default=None, repr=False)
     """The key itself (local use); otherwise read from `api_key_env` in the ingress."""
     api_key_env: str = API_KEY_ENV
+    cold_start_timeout_s: float = 600.0
+    """While no replica is ready, how long the ingress holds a request before answering 503."""
     stream_hold_per_stream_s: float = 0.005
     """Under load a stream gathers tokens between two chunks: this long per other running
     stream, so the messages per second through Serve stay bounded. The first token, and
@@ -103,6 +105,7 @@ def settings_from_deployment(md: Any, **overrides: Any) -> ServeSettings:
         "block_size": getattr(engine, "block_size", 16),
         "max_queue_depth": getattr(engine, "max_queue_depth", 128),
         "replicas": spec.replicas,
+        "cold_start_timeout_s": float(getattr(spec.autoscaling, "cold_start_timeout_seconds", 600)),
         "require_api_key": bool(service is not None and service.api_key_secret_ref is not None),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})

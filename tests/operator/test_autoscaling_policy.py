@@ -121,6 +121,22 @@ def test_scale_to_zero_after_idle_and_back_on_the_first_request():
     assert (d.desired, d.reason) == (1, "ScaleFromZero")
 
 
+def test_requests_held_at_the_ingress_count_only_while_no_replica_is_ready():
+    spec = SPEC.model_copy(update={"min_replicas": 0})
+    # Scaled to zero there is no replica queue at all: the held requests are the signal.
+    d, _ = run(Signals(0, 0, 0, 0, 99, held=9), spec)
+    assert (d.desired, d.reason) == (3, "ScaleFromZero")
+    d, _ = run(Signals(0, 0, 0, 0, 2, held=9), spec)
+    assert (d.desired, d.reason, d.capacity_limited) == (2, "ScaleFromZero", True)
+    # One replica loading, none ready: the held burst still sizes the step.
+    d, _ = run(Signals(0, 0, 1, 0, 99, held=20), spec)
+    assert (d.desired, d.reason) == (5, "ScaleUp")
+    # Once a replica serves, held requests are in its queue or prefill already: not counted twice.
+    d, _ = run(Signals(2, 1, 1, 1, 99, held=30), spec)
+    assert (d.desired, d.reason) == (1, "Steady")
+    assert Signals(2, 1, 1, 1, 99, held=30).waiting == 2 and Signals(2, 0, 1, 0, 99, held=30).waiting == 30
+
+
 def test_below_minimum_is_raised_at_once():
     spec = SPEC.model_copy(update={"min_replicas": 3})
     d, _ = run(Signals(0, 0, 1, 1, 99), spec)

@@ -53,6 +53,20 @@ def test_missing_series_is_unavailable_not_zero(prometheus):
     assert result.decision is None and "no sample" in result.error
 
 
+def test_scaled_to_zero_the_ingress_held_requests_scale_from_zero(exporters, prometheus):
+    a, b = exporters
+    # No model replica: no queue series, only the ingress' held requests (both proxies list it).
+    for e in (a, b):
+        e.set("ns", "cold", {}, held={"ingress-1": 6.0})
+    eventually(lambda: prometheus.query('modelfleet_ingress_waiting_requests{model_deployment="cold"}'), 30)
+    spec = SPEC.model_copy(update={"min_replicas": 0})
+    result = Autoscaler().tick("ns/cold", spec, 16, prometheus.url, "ns", "cold", 0, 0, 99)
+    assert result.load is not None and (result.load.queue, result.load.held) == (0.0, 6.0)
+    assert result.decision is not None
+    assert (result.decision.desired, result.decision.reason) == (2, "ScaleFromZero")
+    assert result.waiting == 6.0
+
+
 def test_prometheus_down_is_unavailable_and_decides_nothing(exporters, tmp_path):
     a, _ = exporters
     a.set("ns", "down", {"r1": 50.0})

@@ -26,6 +26,7 @@ class Tick:
     decision: Decision | None  # None when metrics were unavailable
     load: Load | None
     error: str = ""
+    waiting: float = 0.0  # the queue the policy acted on (held requests count while none is ready)
 
 
 class Autoscaler:
@@ -54,13 +55,12 @@ class Autoscaler:
             load = read_load(self.client, prometheus_url, namespace, name, spec.queue_depth_query)
         except MetricsUnavailable as err:
             return Tick(None, None, str(err))
+        signals = Signals(load.queue, load.running, current, ready, placeable, load.held)
         with self._lock:
             mem = self.memory.get(key, Memory())
-            decision, mem = decide(
-                spec, max_num_seqs, Signals(load.queue, load.running, current, ready, placeable), mem, now
-            )
+            decision, mem = decide(spec, max_num_seqs, signals, mem, now)
             self.memory[key] = mem
-        return Tick(decision, load)
+        return Tick(decision, load, waiting=signals.waiting)
 
     def forget(self, key: str) -> None:
         with self._lock:
@@ -111,20 +111,24 @@ class LocalAutoscaler:
             self.get_ready(),
             self.placeable,
         )
+        changed = tick.decision is not None and tick.decision.desired != self.replicas
         if tick.decision is None:
             self.errors.append(tick.error)
-        elif tick.decision.desired != self.replicas:
+        elif changed:
             self.replicas = tick.decision.desired
-            self.set_replicas(self.replicas)
+        # The decision is on the timeline before it is carried out, so a reader that sees the
+        # new count also finds the decision behind it.
         self.timeline.append(
             TimelinePoint(
                 time.monotonic() - self.started,
-                tick.load.queue if tick.load else None,
+                tick.waiting if tick.load else None,
                 tick.load.running if tick.load else None,
                 self.replicas,
                 tick.decision.reason if tick.decision else "MetricsUnavailable",
             )
         )
+        if changed:
+            self.set_replicas(self.replicas)
         return tick
 
     def _run(self) -> None:

@@ -5,7 +5,8 @@ jump straight to ceil(queue / target) replicas, counting replicas still loading 
 progress is not ordered twice. Down: one replica at a time, only after the queue stayed at or
 below target for scaleDownStabilizationSeconds and the running requests fit in one replica
 fewer; the next step waits another window. To zero: minReplicas 0 and no request for
-scaleToZeroIdleSeconds. From zero: any waiting request. Always within min..max and never above
+scaleToZeroIdleSeconds. From zero: any request the ingress holds (with no replica ready, its
+held requests count as the queue). Always within min..max and never above
 what the fleet can place.
 """
 
@@ -29,6 +30,12 @@ class Signals:
     current: int  # spec.replicas now (ready plus loading)
     ready: int  # replicas serving
     placeable: int  # the most replicas the fleet can hold now
+    held: float = 0.0  # requests at the ingress with no first byte yet
+
+    @property
+    def waiting(self) -> float:
+        """Waiting requests: in the replicas' queues, or all held at the ingress while none is ready."""
+        return max(self.queue, self.held) if self.ready == 0 else self.queue
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ def decide(
     spec: AutoscalingSpec, max_num_seqs: int, s: Signals, mem: Memory, now: float
 ) -> tuple[Decision, Memory]:
     target = spec.target_queue_depth
+    s = replace(s, queue=s.waiting)
     busy = s.queue > 0 or s.running > 0
     mem = replace(mem, last_busy=now if busy or mem.last_busy is None else mem.last_busy)
     per_replica = s.queue / max(s.ready, 1)

@@ -1,4 +1,8 @@
-"""Reading the queue depth and running requests of one ModelDeployment from Prometheus' HTTP API."""
+"""Reading the queue depth and running requests of one ModelDeployment from Prometheus' HTTP API.
+
+With no model replica there is no replica queue series at all: the ingress' held requests
+(`modelfleet_ingress_waiting_requests`) are then the only signal, and the one that scales
+from zero."""
 
 from __future__ import annotations
 
@@ -13,6 +17,11 @@ RUNNING_QUERY = (
     'sum(max by (replica) (modelfleet_running_requests{{namespace="{ns}",model_deployment="{name}"}}))'
 )
 
+HELD_QUERY = (
+    "sum(max by (replica) "
+    '(modelfleet_ingress_waiting_requests{{namespace="{ns}",model_deployment="{name}"}}))'
+)
+
 
 class MetricsUnavailable(Exception):
     """Prometheus did not answer, answered an error, or had no sample."""
@@ -20,8 +29,9 @@ class MetricsUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Load:
-    queue: float
+    queue: float  # waiting in model replicas
     running: float
+    held: float = 0.0  # at the ingress with no first byte yet (all of them while no replica is ready)
 
 
 def queries(namespace: str, name: str, queue_query: str | None = None) -> tuple[str, str]:
@@ -52,8 +62,12 @@ def read_load(
     client: httpx.Client, base_url: str, namespace: str, name: str, queue_query: str | None = None
 ) -> Load:
     queue_q, running_q = queries(namespace, name, queue_query)
+    held_q = HELD_QUERY.format(ns=namespace, name=name)
     queue = instant(client, base_url, queue_q)
-    if queue is None:
-        raise MetricsUnavailable(f"no sample for {queue_q}: is Prometheus scraping the serving pods?")
-    running = instant(client, base_url, running_q)
-    return Load(queue=queue, running=running or 0.0)
+    held = instant(client, base_url, held_q)
+    if queue is None and held is None:
+        raise MetricsUnavailable(
+            f"no sample for {queue_q} nor {held_q}: is Prometheus scraping the serving pods?"
+        )
+    running = instant(client, base_url, running_q) if queue is not None else None
+    return Load(queue=queue or 0.0, running=running or 0.0, held=held or 0.0)
