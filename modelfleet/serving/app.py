@@ -71,9 +71,9 @@ def build_application(settings: ServeSettings, model_overrides: dict[str, Any] |
     """The application; `model_overrides` replaces Serve options of the Model deployment (for
     instance Ray Serve's own `autoscaling_config`, which the autoscaling benchmark compares)."""
     gpu = use_gpu(settings)
-    if gpu and settings.device == "auto":
-        settings = ServeSettings.from_dict({**settings.to_dict(), "device": "cuda"})
-    elif not gpu:
+    # With GPU bundles and `auto`, each replica decides where it runs: on its GPUs when it sees
+    # them, on the CPU when the node only advertises GPUs it does not have (a test node).
+    if not gpu:
         settings = ServeSettings.from_dict({**settings.to_dict(), "device": "cpu"})
     args = constructor_args(settings)
     hub = (
