@@ -42,13 +42,19 @@ class PrometheusServer:
         scrape_interval: str = "1s",
         metrics_path: str = "/metrics",
         workdir: Path | None = None,
+        listen_host: str = "127.0.0.1",
+        prefix: list[str] | None = None,
     ):
+        """`listen_host` and `prefix` (e.g. an `nsenter` into a node's network namespace) put it
+        where pods reach it; by default it stays on loopback."""
         self.targets = targets
+        self.listen_host = listen_host
+        self.prefix = prefix or []
         self.scrape_interval = scrape_interval
         self.metrics_path = metrics_path
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="modelfleet-prometheus-"))
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{listen_host}:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def config(self) -> dict[str, Any]:
@@ -72,10 +78,11 @@ class PrometheusServer:
         log = (self.dir / "prometheus.log").open("ab")
         self.proc = subprocess.Popen(
             [
+                *self.prefix,
                 binary(),
                 f"--config.file={config}",
                 f"--storage.tsdb.path={self.dir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
+                f"--web.listen-address={self.listen_host}:{self.port}",
                 "--storage.tsdb.retention.time=1h",
                 "--web.enable-lifecycle",
             ],

@@ -15,11 +15,14 @@ What the test changes in the commands, and why:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,12 +196,14 @@ def quickstart_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
         t = time.monotonic()
         cluster.down()
         log(f"stage cluster down: {time.monotonic() - t:.1f} s")
+        # The node's containerd store holds a copy of the image (GBs): pytest keeps old tmp dirs.
+        shutil.rmtree(cluster.dir / "node", ignore_errors=True)
 
 
 def children(shell: Shell, name: str) -> list[str]:
     selector = f"app.kubernetes.io/instance={name}"
     kinds = "deployments,services,configmaps,pods,poddisruptionbudgets,secrets"
-    items = shell.kubectl_json("get", kinds, "-n", "default", "-l", selector)["items"]
+    items = shell.kubectl_json(kinds, "-n", "default", "-l", selector)["items"]
     return sorted(f"{i['kind']}/{i['metadata']['name']}" for i in items)
 
 
@@ -264,13 +269,13 @@ def test_readme_quickstart_on_a_real_node(quickstart_cluster):
                 eventually(lambda: children(shell, "tiny") == [], timeout=180)
             elif line.startswith("helm uninstall"):
                 eventually(
-                    lambda: not shell.kubectl_json("get", "all", "-n", NAMESPACE)["items"], timeout=180
+                    lambda: not shell.kubectl_json("all", "-n", NAMESPACE)["items"], timeout=180
                 )
                 roles = shell.kubectl_json(
                     "get", "clusterroles,clusterrolebindings", "-l", "app.kubernetes.io/name=modelfleet"
                 )["items"]
                 assert roles == []
-                crd = shell.kubectl_json("get", "crd", "modeldeployments.modelfleet.dev")
+                crd = shell.kubectl_json("crd", "modeldeployments.modelfleet.dev")
                 assert crd["metadata"]["name"] == "modeldeployments.modelfleet.dev"
         for name, took in shell.timings:
             log(f"step {name}: {took:.1f} s")
@@ -289,8 +294,272 @@ def _get(url: str) -> dict | None:
 def test_the_node_is_a_real_kubelet_with_gpu_capacity(quickstart_cluster):
     """The node the quickstart ran on is a real kubelet with the fake GPU capacity."""
     cluster, _ = quickstart_cluster
-    nodes = cluster.get_json("get", "nodes")["items"]
+    nodes = cluster.get_json("nodes")["items"]
     real = [n for n in nodes if n["metadata"].get("annotations", {}).get("kwok.x-k8s.io/node") != "fake"]
     assert real, json.dumps([n["metadata"]["name"] for n in nodes])
     assert int(real[0]["status"]["allocatable"]["nvidia.com/gpu"]) >= 1
     assert real[0]["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
+
+
+class PhaseWatch:
+    """Every phase a ModelDeployment's status shows, polled twice a second in the background."""
+
+    def __init__(self, cluster: Cluster, name: str):
+        self.cluster, self.name = cluster, name
+        self.seen: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                phase = self.cluster.get_json("md", self.name).get("status", {}).get("phase")
+            except Exception:
+                continue
+            if phase and (not self.seen or self.seen[-1] != phase):
+                self.seen.append(phase)
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        self._thread.join(5)
+        return self.seen
+
+
+def worker_names(shell: Shell) -> list[str]:
+    pods = shell.kubectl_json(
+        "get",
+        "pods",
+        "-n",
+        "default",
+        "-l",
+        "app.kubernetes.io/instance=tiny,app.kubernetes.io/component=worker",
+    )["items"]
+    return sorted(p["metadata"]["name"] for p in pods if not p["metadata"].get("deletionTimestamp"))
+
+
+def long_streams(
+    base: str, count: int, outcome: list[str], first_chunk: threading.Event
+) -> list[threading.Thread]:
+    """`count` streamed completions as long as the context allows; each records how it ended."""
+    from openai import OpenAI
+
+    def one(i: int) -> None:
+        client = OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=300, max_retries=0)
+        chunks = 0
+        try:
+            stream = client.completions.create(
+                model="tiny",
+                prompt=f"story {i}",
+                max_tokens=2000,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            for _ in stream:
+                chunks += 1
+                first_chunk.set()
+            outcome.append(f"completed after {chunks} chunks")
+        except Exception as err:
+            outcome.append(f"cut after {chunks} chunks: {type(err).__name__}")
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(count)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+@pytest.mark.timeout(3600)
+def test_failures_a_bad_manifest_a_killed_worker_and_a_killed_operator(quickstart_cluster):
+    cluster, tag = quickstart_cluster
+    port = free_port()
+    shell = Shell(cluster, tag, port)
+    base = f"http://127.0.0.1:{port}"
+    commands = quickstart_commands()
+    shell.run(commands[0])  # helm install, as in the README
+    shell.run(f"kubectl rollout status deploy/modelfleet -n {NAMESPACE} --timeout=10m")
+    try:
+        # A bad manifest is refused by the API server itself, with the field named.
+        tiny = (ROOT / "examples/tiny.yaml").read_text()
+        bad = tiny.replace("tensorParallelSize: 1", "tensorParallelSize: 0")
+        assert bad != tiny
+        refused = subprocess.run(
+            [str(build.bin_dir() / "kubectl"), "apply", "-f", "-"],
+            input=bad,
+            env=shell.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode != 0 and "spec.engine.tensorParallelSize" in refused.stderr, refused.stderr
+        assert shell.kubectl_json("md", "-n", "default")["items"] == []
+
+        shell.run("kubectl apply -f examples/tiny.yaml")
+        shell.run("kubectl wait md/tiny --for=condition=Ready --timeout=15m")
+        shell.run("kubectl port-forward svc/tiny 8000:8000 &")
+        eventually(lambda: _get(f"{base}/v1/models"), timeout=60)
+
+        # A worker pod killed mid-stream: replaced, Degraded, then Ready; new requests succeed.
+        (victim,) = worker_names(shell)
+        watch = PhaseWatch(cluster, "tiny")
+        outcome: list[str] = []
+        first_chunk = threading.Event()
+        streams = long_streams(base, 6, outcome, first_chunk)
+        assert first_chunk.wait(120), "no stream produced a chunk"
+        shell.run(f"kubectl delete pod {victim} --grace-period=1 --wait=false")
+        for t in streams:
+            t.join(300)
+        assert not [t for t in streams if t.is_alive()], "a stream hung after its worker was killed"
+        eventually(lambda: (names := worker_names(shell)) and victim not in names, timeout=120)
+        shell.run("kubectl wait md/tiny --for=condition=Ready --timeout=15m")
+        phases = watch.stop()
+        log(f"phases while the worker was replaced: {phases}; streams: {outcome}")
+        assert "Degraded" in phases and phases[-1] == "Ready", phases
+        for i in range(3):
+            resp = httpx.post(
+                f"{base}/v1/completions",
+                json={"model": "tiny", "prompt": f"again {i}", "max_tokens": 4},
+                timeout=120,
+            )
+            assert resp.status_code == 200, resp.text
+
+        # The operator killed: it restarts, converges, and duplicates nothing.
+        before = children(shell, "tiny")
+        operator = shell.kubectl_json(
+            "get", "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/name=modelfleet"
+        )
+        (op_pod,) = [p["metadata"]["name"] for p in operator["items"]]
+        shell.run(f"kubectl delete pod {op_pod} -n {NAMESPACE} --grace-period=0 --force")
+        shell.run(f"kubectl rollout status deploy/modelfleet -n {NAMESPACE} --timeout=10m")
+        shell.run("kubectl scale md tiny --replicas 2")  # proves the new operator acts
+        shell.run("kubectl wait md/tiny --for=jsonpath='{.status.readyReplicas}'=2 --timeout=15m")
+        after = children(shell, "tiny")
+        unchanged = [c for c in before if not c.startswith("Pod/")]
+        assert [c for c in after if not c.startswith("Pod/")] == unchanged
+        assert len(worker_names(shell)) == 2
+    finally:
+        shell.run("kubectl delete md tiny --ignore-not-found")
+        shell.run(commands[-1])  # helm uninstall, as in the README
+        shell.close()
+
+
+AUTOSCALED = """
+apiVersion: modelfleet.dev/v1alpha1
+kind: ModelDeployment
+metadata:
+  name: tiny
+spec:
+  model: {{uri: builtin://tiny-llama, dtype: float32}}
+  engine: {{maxNumSeqs: 2}}
+  replicas: 1
+  resources: {{cpu: 500m, memory: 2Gi}}
+  autoscaling:
+    enabled: true
+    minReplicas: 1
+    maxReplicas: 2
+    targetQueueDepth: 2
+    scaleDownStabilizationSeconds: 20
+    prometheusUrl: {prometheus}
+"""
+
+
+async def burst(base: str, count: int, max_tokens: int) -> list[str]:
+    """`count` concurrent streamed completions; returns the failures."""
+    import asyncio
+
+    failures: list[str] = []
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        body = {"model": "tiny", "prompt": f"burst {i}", "max_tokens": max_tokens, "stream": True}
+        body["ignore_eos"] = True
+        try:
+            async with client.stream("POST", f"{base}/v1/completions", json=body) as resp:
+                if resp.status_code != 200:
+                    failures.append(f"{resp.status_code}: {(await resp.aread())[:200]!r}")
+                    return
+                lines = [line async for line in resp.aiter_lines()]
+                if "data: [DONE]" not in lines:
+                    failures.append("stream ended without [DONE]")
+        except httpx.HTTPError as err:
+            failures.append(f"{type(err).__name__}: {err}")
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        await asyncio.gather(*(one(client, i) for i in range(count)))
+    return failures
+
+
+@pytest.mark.timeout(3600)
+def test_autoscaling_on_prometheus_raises_replicas_for_a_burst_and_lowers_them_after(quickstart_cluster):
+    """The operator pod reads a real Prometheus (scraping the tiny Service inside the node's
+    network) and writes spec.replicas through /scale: up during a burst, down after the window,
+    with no failed request."""
+    import asyncio
+
+    from e2e import node
+    from e2e.prometheus import PrometheusServer
+
+    cluster, tag = quickstart_cluster
+    port = free_port()
+    shell = Shell(cluster, tag, port)
+    base = f"http://127.0.0.1:{port}"
+    commands = quickstart_commands()
+    node_ip = cluster.read_state()["node"]["node_ip"]
+    shell.run(commands[0])
+    shell.run(f"kubectl rollout status deploy/modelfleet -n {NAMESPACE} --timeout=10m")
+    prometheus: PrometheusServer | None = None
+    try:
+        # Prometheus first: the manifest names its URL; its target (the Service) follows.
+        prometheus = PrometheusServer(
+            [], "1s", workdir=cluster.dir / "prometheus", listen_host=node_ip, prefix=node.nsenter()
+        )
+        manifest = AUTOSCALED.format(prometheus=prometheus.url)
+        applied = subprocess.run(
+            [str(build.bin_dir() / "kubectl"), "apply", "-f", "-"],
+            input=manifest,
+            env=shell.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert applied.returncode == 0, applied.stderr
+        service_ip = eventually(lambda: shell.kubectl_json("svc", "tiny")["spec"]["clusterIP"], 60)
+        prometheus.targets = [f"{service_ip}:8000"]
+        prometheus.start()
+        shell.run("kubectl wait md/tiny --for=condition=Ready --timeout=15m")
+        shell.run("kubectl port-forward svc/tiny 8000:8000 &")
+        eventually(lambda: _get(f"{base}/v1/models"), timeout=60)
+        query = 'modelfleet_queue_depth{model_deployment="tiny",namespace="default"}'
+        eventually(lambda: prometheus.query(query), timeout=60)
+        active = eventually(
+            lambda: (
+                (s := shell.kubectl_json("md", "tiny")["status"]) and s.get("desiredReplicas") and s
+            ),
+            timeout=60,
+        )
+        assert active["desiredReplicas"] == 1
+
+        replicas_seen: list[int] = []
+        stop = threading.Event()
+
+        def record() -> None:
+            while not stop.wait(1):
+                with contextlib.suppress(Exception):
+                    replicas_seen.append(shell.kubectl_json("md", "tiny")["spec"]["replicas"])
+
+        recorder = threading.Thread(target=record, daemon=True)
+        recorder.start()
+        started = time.monotonic()
+        failures = asyncio.run(burst(base, count=24, max_tokens=400))
+        log(f"burst took {time.monotonic() - started:.0f} s; spec.replicas seen: {replicas_seen}")
+        assert failures == [], failures[:3]
+        assert 2 in replicas_seen, replicas_seen
+        eventually(lambda: shell.kubectl_json("md", "tiny")["spec"]["replicas"] == 1, timeout=180)
+        stop.set()
+        recorder.join(5)
+        describe = shell.run("kubectl describe md tiny")
+        assert "ScaleUp" in describe and "ScaleDown" in describe, describe[-1500:]
+    finally:
+        if prometheus is not None:
+            prometheus.stop()
+        shell.run("kubectl delete md tiny --ignore-not-found")
+        shell.run(commands[-1])
+        shell.close()

@@ -85,11 +85,16 @@ def compute_status(
     at = now()
     conditions = list(previous.get("conditions") or [])
     limited = seen.capacity is not None and seen.capacity.limited
+    # Serving before on this very spec: losing replicas now is a fault, not a start.
+    lost = previous.get("phase") in ("Ready", "Degraded") and previous.get("observedGeneration") == generation
 
     if desired == 0:
         phase, ready_reason, ready_msg = "Ready", "ScaledToZero", "no replicas requested"
     elif seen.ready >= desired and seen.updated >= desired:
         phase, ready_reason, ready_msg = "Ready", "AllReplicasReady", f"{seen.ready}/{desired} replicas serve"
+    elif seen.ready == 0 and lost:
+        phase, ready_reason = "Degraded", "ReplicasUnavailable"
+        ready_msg = f"0/{desired} replicas serve"
     elif seen.ready == 0:
         if limited or seen.unschedulable or seen.workers == 0:
             phase = "Pending"
@@ -98,9 +103,7 @@ def compute_status(
             phase, ready_reason = "Loading", "ModelLoading"
         ready_msg = f"0/{desired} replicas serve"
     else:
-        was_serving = previous.get("phase") in ("Ready", "Degraded")
-        same_spec = previous.get("observedGeneration") == generation
-        phase = "Degraded" if (was_serving and same_spec) or seen.crashing else "Loading"
+        phase = "Degraded" if lost or seen.crashing else "Loading"
         ready_reason = "ReplicasUnavailable" if phase == "Degraded" else "ReplicasLoading"
         ready_msg = f"{seen.ready}/{desired} replicas serve"
     if seen.crashing and phase != "Pending":

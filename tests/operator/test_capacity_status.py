@@ -159,6 +159,23 @@ def test_loading_then_degraded_after_a_replica_dies():
     assert [e[1] for e in transitions(ready, degraded)] == ["Degraded"]
 
 
+def test_losing_the_only_replica_while_serving_is_degraded_not_loading():
+    md = md_of({})
+    ready = compute_status(md, Observation(workers=1, ready=1, updated=1, head_ready=True), {})
+    assert ready["phase"] == "Ready"
+    for seen in (  # the pod is gone, or its replacement is still loading
+        Observation(workers=0, ready=0, updated=0, head_ready=True),
+        Observation(workers=1, ready=0, updated=1, head_ready=True),
+    ):
+        lost = compute_status(md, seen, ready)
+        assert lost["phase"] == "Degraded", seen
+        assert cond(lost, "Ready")["reason"] == "ReplicasUnavailable"
+        assert cond(lost, "Degraded")["status"] == "True"
+    # A fresh object with no replica yet is loading, not degraded.
+    fresh = Observation(workers=1, ready=0, updated=1, head_ready=True)
+    assert compute_status(md, fresh, {})["phase"] == "Loading"
+
+
 def test_crash_looping_worker_is_degraded_with_the_pod_named():
     md = md_of({})
     s = compute_status(
