@@ -187,6 +187,7 @@ def quickstart_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
         stages.append(("image import into containerd", time.monotonic() - t))
     except ClusterError as err:
         cluster.down()
+        shutil.rmtree(cluster.dir / "node", ignore_errors=True)
         pytest.fail(f"the cluster did not start (logs in {cluster.dir}/logs):\n{err}", pytrace=False)
     for name, took in stages:
         log(f"stage {name}: {took:.1f} s")
@@ -250,7 +251,6 @@ def test_readme_quickstart_on_a_real_node(quickstart_cluster):
                 ready = eventually(lambda: _get(f"{base}/ready"), timeout=120)
                 assert ready["ready_replicas"] == 2
                 workers = shell.kubectl_json(
-                    "get",
                     "pods",
                     "-n",
                     "default",
@@ -268,11 +268,9 @@ def test_readme_quickstart_on_a_real_node(quickstart_cluster):
             elif line.startswith("kubectl delete md tiny"):
                 eventually(lambda: children(shell, "tiny") == [], timeout=180)
             elif line.startswith("helm uninstall"):
-                eventually(
-                    lambda: not shell.kubectl_json("all", "-n", NAMESPACE)["items"], timeout=180
-                )
+                eventually(lambda: not shell.kubectl_json("all", "-n", NAMESPACE)["items"], timeout=180)
                 roles = shell.kubectl_json(
-                    "get", "clusterroles,clusterrolebindings", "-l", "app.kubernetes.io/name=modelfleet"
+                    "clusterroles,clusterrolebindings", "-l", "app.kubernetes.io/name=modelfleet"
                 )["items"]
                 assert roles == []
                 crd = shell.kubectl_json("crd", "modeldeployments.modelfleet.dev")
@@ -328,7 +326,6 @@ class PhaseWatch:
 
 def worker_names(shell: Shell) -> list[str]:
     pods = shell.kubectl_json(
-        "get",
         "pods",
         "-n",
         "default",
@@ -424,9 +421,7 @@ def test_failures_a_bad_manifest_a_killed_worker_and_a_killed_operator(quickstar
 
         # The operator killed: it restarts, converges, and duplicates nothing.
         before = children(shell, "tiny")
-        operator = shell.kubectl_json(
-            "get", "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/name=modelfleet"
-        )
+        operator = shell.kubectl_json("pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/name=modelfleet")
         (op_pod,) = [p["metadata"]["name"] for p in operator["items"]]
         shell.run(f"kubectl delete pod {op_pod} -n {NAMESPACE} --grace-period=0 --force")
         shell.run(f"kubectl rollout status deploy/modelfleet -n {NAMESPACE} --timeout=10m")
@@ -530,9 +525,7 @@ def test_autoscaling_on_prometheus_raises_replicas_for_a_burst_and_lowers_them_a
         query = 'modelfleet_queue_depth{model_deployment="tiny",namespace="default"}'
         eventually(lambda: prometheus.query(query), timeout=60)
         active = eventually(
-            lambda: (
-                (s := shell.kubectl_json("md", "tiny")["status"]) and s.get("desiredReplicas") and s
-            ),
+            lambda: (s := shell.kubectl_json("md", "tiny")["status"]) and s.get("desiredReplicas") and s,
             timeout=60,
         )
         assert active["desiredReplicas"] == 1
