@@ -154,7 +154,9 @@ class Shell:
         return "\n".join(parts)
 
     def close(self) -> None:
-        for proc in self.background:
+        """Stop the background commands (port-forwards)."""
+        background, self.background = self.background, []
+        for proc in background:
             proc.terminate()
             try:
                 proc.wait(10)
@@ -407,10 +409,17 @@ def test_failures_a_bad_manifest_a_killed_worker_and_a_killed_operator(quickstar
             t.join(300)
         assert not [t for t in streams if t.is_alive()], "a stream hung after its worker was killed"
         eventually(lambda: (names := worker_names(shell)) and victim not in names, timeout=120)
+        eventually(lambda: "Degraded" in watch.seen, timeout=120)
         shell.run("kubectl wait md/tiny --for=condition=Ready --timeout=15m")
+        eventually(lambda: watch.seen[-1] == "Ready", timeout=10)  # the poller catches up
         phases = watch.stop()
         log(f"phases while the worker was replaced: {phases}; streams: {outcome}")
-        assert "Degraded" in phases and phases[-1] == "Ready", phases
+        assert phases[-1] == "Ready", phases
+        # kubectl port-forward holds on to one pod of the Service (every Serve proxy is one):
+        # when that pod was the killed worker, forward again, as a user would.
+        shell.close()
+        shell.run("kubectl port-forward svc/tiny 8000:8000 &")
+        eventually(lambda: _get(f"{base}/v1/models"), timeout=60)
         for i in range(3):
             resp = httpx.post(
                 f"{base}/v1/completions",
