@@ -558,7 +558,7 @@ def test_autoscaling_on_prometheus_raises_replicas_for_a_burst_and_lowers_them_a
         stop.set()
         recorder.join(5)
         describe = shell.run("kubectl describe md tiny")
-        assert "ScaleUp" in describe and "ScaleDown" in describe, describe[-1500:]
+        assert "ScaledUp" in describe and "ScaledDown" in describe, describe[-1500:]
     finally:
         if prometheus is not None:
             prometheus.stop()
