@@ -186,18 +186,19 @@ class Reconciler:
         pods = self.fleet.pods(md.namespace, naming.selector(md, naming.COMPONENT_WORKER))
         workers = self.fleet.deployment(md.namespace, naming.workers_name(md))
         head = self.fleet.deployment(md.namespace, naming.head_name(md))
-        if apply_children or workers is None or head is None:
-            own_bound = sum(1 for p in pods if p.get("spec", {}).get("nodeName"))
-            try:
+        try:
+            if apply_children or workers is None or head is None:
+                own_bound = sum(1 for p in pods if p.get("spec", {}).get("nodeName"))
                 applied = self.apply_children(md, own_bound)
-            except ApiException as err:
-                if not namespace_terminating(err):
-                    raise
-                # The namespace and everything in it is going away; creating children would fail.
-                log.info("%s/%s: namespace is terminating; not recreating children", md.namespace, md.name)
-                return previous, []
-            head = head or applied.get(f"Deployment/{naming.head_name(md)}")
-        status = compute_status(md, self.observe(md, pods, head), previous, self.settings.cluster_domain)
+                head = head or applied.get(f"Deployment/{naming.head_name(md)}")
+            seen = self.observe(md, pods, head)  # may create the Ray token Secret
+        except ApiException as err:
+            if not namespace_terminating(err):
+                raise
+            # The namespace and everything in it is going away; creating objects would fail.
+            log.info("%s/%s: namespace is terminating; not recreating children", md.namespace, md.name)
+            return previous, []
+        status = compute_status(md, seen, previous, self.settings.cluster_domain)
         return status, transitions(previous, status)
 
     # --- autoscaling ----------------------------------------------------------------------------

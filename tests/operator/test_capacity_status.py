@@ -254,3 +254,37 @@ def test_namespace_terminating_is_recognised():
         ApiException(status=403, reason="Forbidden", body=b'{"reason":"Forbidden"}')
     )
     assert not namespace_terminating(ApiException(status=409, reason="Conflict", body=body))
+
+
+def test_a_namespace_going_away_mid_refresh_keeps_the_status_and_raises_nothing():
+    """The API server refuses the Ray token Secret because the namespace is being deleted (a race
+    a real cluster shows only now and then, so the refusal is injected here): the refresh keeps
+    the last status instead of failing the handler."""
+    from kubernetes.client.exceptions import ApiException
+
+    from modelfleet.operator.reconcile import Reconciler
+    from modelfleet.operator.settings import OperatorSettings
+
+    body = b'{"details":{"causes":[{"reason":"NamespaceTerminating"}]},"code":403}'
+
+    class Refusing:
+        def create(self, obj):
+            raise ApiException(status=403, reason="Forbidden", body=body)
+
+    class Fleet:
+        def pods(self, namespace, selector):
+            return []
+
+        def deployment(self, namespace, name):
+            return {"status": {"readyReplicas": 1}}
+
+    rec = Reconciler(OperatorSettings(), kube=Refusing())  # type: ignore[arg-type]
+    rec.fleet = Fleet()  # type: ignore[assignment]
+    manifest = {
+        "apiVersion": "modelfleet.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "gone", "namespace": "ending", "uid": "u1", "generation": 1},
+        "spec": {"model": {"uri": "builtin://tiny-llama"}},
+    }
+    previous = {"phase": "Ready"}
+    assert rec.reconcile(manifest, apply_children=False, previous=previous) == (previous, [])
