@@ -64,7 +64,9 @@ def read_load(
     queue_q, running_q = queries(namespace, name, queue_query)
     held_q = HELD_QUERY.format(ns=namespace, name=name)
     queue = instant(client, base_url, queue_q)
-    held = instant(client, base_url, held_q)
+    # A replica reporting its queue is serving, and then its queue is the signal: the held
+    # requests are asked for only when no replica reports (scaled to zero, or all loading).
+    held = instant(client, base_url, held_q) if queue is None else None
     if queue is None and held is None:
         raise MetricsUnavailable(
             f"no sample for {queue_q} nor {held_q}: is Prometheus scraping the serving pods?"
