@@ -229,8 +229,9 @@ def main() -> int:
 
     from modelfleet.serving.app import build_application
     from modelfleet.serving.scaling import set_model_replicas
-    from modelfleet.serving.settings import ServeSettings
+    from modelfleet.serving.settings import ServeSettings, apply_serve_process_env
 
+    apply_serve_process_env()  # as `modelfleet serve` runs the replicas
     ray.init(num_cpus=8, include_dashboard=False, logging_level=logging.WARNING)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})

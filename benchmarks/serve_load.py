@@ -184,9 +184,9 @@ def start_endpoint(model_uri: str, max_num_seqs: int) -> tuple[str, str]:
     from ray import serve
 
     from modelfleet.serving.app import build_application
-    from modelfleet.serving.settings import ServeSettings
+    from modelfleet.serving.settings import ServeSettings, apply_serve_process_env
 
-    os.environ.setdefault("RAY_worker_niceness", "0")  # as `modelfleet serve` does
+    apply_serve_process_env()  # as `modelfleet serve` does
     ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})

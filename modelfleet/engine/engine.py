@@ -112,8 +112,9 @@ class LLMEngine:
         self._aborts: deque[_Request] = deque()
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="modelfleet-engine")
-        self._loop_task: asyncio.Task | None = None
-        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None  # the step loop
+        self._work = threading.Event()  # set when a request arrives or is aborted
         self._closed = False
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -308,39 +309,45 @@ class LLMEngine:
     # -- the async API --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the background step loop on the running event loop (idempotent)."""
+        """Start the step loop on the engine thread, delivering to the running event loop
+        (idempotent)."""
         if self._closed:
             raise RuntimeError("engine is shut down")
-        if self._loop_task is None or self._loop_task.done():
-            self._wake = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+        self._loop = asyncio.get_running_loop()  # outputs go to the latest caller's loop
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._thread_loop, name="modelfleet-steps", daemon=True)
+            self._thread.start()
 
-    async def _run_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._wake is not None
+    def _thread_loop(self) -> None:
+        """Steps back to back on the engine thread while there is work.
+
+        Outputs go to the event loop in one callback per step, and the next step starts at
+        once: the event loop's own work (streaming the outputs through the server) overlaps
+        the model's compute instead of sitting between two steps.
+        """
         while not self._closed:
             if not (self._adds or self._aborts or self.scheduler.has_work()):
-                self._wake.clear()
-                await self._wake.wait()
+                self._work.wait(timeout=1.0)
+                self._work.clear()
                 continue
             try:
-                outputs = await loop.run_in_executor(self._executor, self._step)
+                outputs = self._step()
             except Exception as e:  # keep serving: fail the requests in flight, not the engine
                 log.exception("engine step failed")
-                self._fail_all(e)
-                continue
-            for req, out in outputs:
-                if req.queue is not None:
-                    req.queue.put_nowait(out)
+                outputs = self._fail_all(e)
+            if outputs and self._loop is not None:
+                with contextlib.suppress(RuntimeError):  # a closed event loop: nobody listens
+                    self._loop.call_soon_threadsafe(_deliver, outputs)
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_all(self, error: Exception) -> list[tuple[_Request, Any]]:
         with self._lock:
+            failed: list[tuple[_Request, Any]] = []
             for req in list(self._requests.values()):
                 self.scheduler.finish(req.seq)
                 req.finish_reason = "abort"
-                if req.queue is not None:
-                    req.queue.put_nowait(error)
+                failed.append((req, error))
             self._requests.clear()
+            return failed
 
     async def generate(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
@@ -350,8 +357,7 @@ class LLMEngine:
         await self.start()
         req.queue = asyncio.Queue()
         self._adds.append(req)
-        assert self._wake is not None
-        self._wake.set()
+        self._work.set()
         done = False
         try:
             while True:
@@ -375,8 +381,8 @@ class LLMEngine:
                 self._drain_control()
             finally:
                 self._lock.release()
-        elif self._wake is not None:
-            self._wake.set()
+        else:
+            self._work.set()
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -397,21 +403,15 @@ class LLMEngine:
         if self._closed:
             return
         self._closed = True
-        if self._wake is not None:
-            self._wake.set()
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._loop_task
-        for req, out in await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._close_workers
-        ):
-            if req.queue is not None:
-                req.queue.put_nowait(out)
+        self._work.set()
+        # The step loop sees `_closed` after its current step; the close waits for it.
+        _deliver(await asyncio.get_running_loop().run_in_executor(self._executor, self._close_workers))
         self._executor.shutdown(wait=True)
 
     def _close_workers(self) -> list[tuple[_Request, RequestOutput]]:
         """Abort what is in flight (each gets a last "abort" delta) and stop the ranks."""
+        if self._thread is not None:
+            self._thread.join()
         with self._lock:
             self._drain_control()
             outputs = []
@@ -432,6 +432,7 @@ class LLMEngine:
         """Synchronous shutdown, for scripts that never started the async loop."""
         if not self._closed:
             self._closed = True
+            self._work.set()
             self._executor.submit(self._close_workers).result()
             self._executor.shutdown(wait=True)
 
@@ -464,6 +465,13 @@ class LLMEngine:
 
     def __repr__(self) -> str:
         return f"LLMEngine({Path(self.served_model_path).name}, tp={self.config.tensor_parallel_size})"
+
+
+def _deliver(outputs: list[tuple[_Request, Any]]) -> None:
+    """Hand a step's outputs to their requests' queues (on the event loop)."""
+    for req, out in outputs:
+        if req.queue is not None:
+            req.queue.put_nowait(out)
 
 
 __all__ = ["Completion", "LLMEngine", "Status"]

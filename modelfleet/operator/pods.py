@@ -13,6 +13,7 @@ from modelfleet.operator import naming
 from modelfleet.operator.overlay import merge
 from modelfleet.operator.serveconfig import API_KEY_ENV
 from modelfleet.operator.settings import OperatorSettings
+from modelfleet.serving.settings import SERVE_PROCESS_ENV
 
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 READY_FILE = "/run/modelfleet/replica-ready"
@@ -43,6 +44,7 @@ def _env(md: ModelDeployment) -> list[dict[str, Any]]:
             "valueFrom": {"secretKeyRef": {"name": naming.ray_token_name(md), "key": "token"}},
         },
         {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+        *({"name": k, "value": v} for k, v in SERVE_PROCESS_ENV.items()),
     ]
     ref = md.spec.service.api_key_secret_ref
     if ref is not None:

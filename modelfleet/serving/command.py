@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from modelfleet.serving.settings import API_KEY_ENV
+from modelfleet.serving.settings import API_KEY_ENV, apply_serve_process_env
 
 APP_ROUTE = "/"
 
@@ -174,9 +174,7 @@ def _start_ray(settings: Any) -> None:
     # Logical CPUs: enough for every replica's CPU bundles even on a small machine; the
     # replicas share the real cores.
     cpus = max(os.cpu_count() or 1, cpus_needed(settings.tensor_parallel_size, settings.replicas))
-    # Ray starts its workers at niceness 15, below the driver; here the workers (the
-    # replicas) are the service, so they run at normal priority.
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    apply_serve_process_env()
     # Ray's token authentication stays on (its default for local clusters): ray.init
     # makes a token, so other users of this machine cannot drive the cluster.
     ray.init(

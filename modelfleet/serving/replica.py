@@ -143,9 +143,12 @@ class ModelReplica:
         yield writer.closing()
 
     def _hold(self) -> float:
-        """Gathering time between two chunks of one stream: grows with the streams running."""
-        s = self.settings
-        return min(s.stream_hold_max_s, s.stream_hold_per_stream_s * (self.admission.running - 1))
+        """Gathering time between two chunks of one stream: grows with the streams running,
+        so that the replica's chunks per second stay near `stream_chunks_per_s`."""
+        s, running = self.settings, self.admission.running
+        if running <= 1:
+            return 0.0
+        return min(s.stream_hold_max_s, running / s.stream_chunks_per_s)
 
     async def stats(self) -> dict[str, Any]:
         import torch

@@ -31,10 +31,10 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
     from ray import serve
 
     from modelfleet.serving.app import build_application
-    from modelfleet.serving.settings import API_KEY_ENV, ServeSettings
+    from modelfleet.serving.settings import API_KEY_ENV, ServeSettings, apply_serve_process_env
 
     os.environ.pop(API_KEY_ENV, None)  # replicas inherit it: only the tp2 app has a key
-    os.environ.setdefault("RAY_worker_niceness", "0")  # as `modelfleet serve` runs them
+    apply_serve_process_env()  # as `modelfleet serve` runs them
     ckpt = tmp_path_factory.mktemp("hf-llama")
     write_hf_checkpoint(ckpt)
     # Logical CPUs: every replica bundle (1 + 1 + 2) fits; the two real cores are shared.

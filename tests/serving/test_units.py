@@ -251,3 +251,40 @@ def test_serve_help_lists_the_options(capsys):
     out = capsys.readouterr().out
     for flag in ("--model", "--tp", "--replicas", "--host", "--port", "--api-key-file"):
         assert flag in out
+
+
+def _replica_with(running: int, **settings):
+    from modelfleet.serving.replica import Admission, ModelReplica
+
+    replica = ModelReplica.__new__(ModelReplica)  # no engine: only the hold is computed
+    replica.settings = ServeSettings(name="t", model="m", **settings)
+    replica.admission = Admission(8)
+    replica.admission.running = running
+    return replica
+
+
+def test_a_lone_stream_sends_every_token_and_busy_streams_gather():
+    assert _replica_with(0)._hold() == 0.0
+    assert _replica_with(1)._hold() == 0.0  # one event per token
+    two = _replica_with(2, stream_chunks_per_s=100)._hold()
+    eight = _replica_with(8, stream_chunks_per_s=100)._hold()
+    assert two == pytest.approx(0.02) and eight == pytest.approx(0.08)  # ~100 chunks/s in all
+    assert _replica_with(200, stream_hold_max_s=0.25)._hold() == 0.25
+
+
+def test_chunk_rate_must_be_positive():
+    with pytest.raises(ValueError, match="stream_chunks_per_s"):
+        ServeSettings(name="t", model="m", stream_chunks_per_s=0)
+
+
+def test_replicas_and_local_ray_share_the_serve_process_env(monkeypatch):
+    from modelfleet.serving.settings import SERVE_PROCESS_ENV, apply_serve_process_env
+
+    for key in SERVE_PROCESS_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "1")  # a user's choice stays
+    apply_serve_process_env()
+    import os
+
+    assert os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    assert os.environ["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] == "1"
