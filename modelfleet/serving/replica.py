@@ -143,12 +143,7 @@ class ModelReplica:
         yield writer.closing()
 
     def _hold(self) -> float:
-        """Gathering time between two chunks of one stream: grows with the streams running,
-        so that the replica's chunks per second stay near `stream_chunks_per_s`."""
-        s, running = self.settings, self.admission.running
-        if running <= 1:
-            return 0.0
-        return min(s.stream_hold_max_s, running / s.stream_chunks_per_s)
+        return stream_hold(self.settings, self.admission.running)
 
     async def stats(self) -> dict[str, Any]:
         import torch
@@ -288,6 +283,14 @@ class ModelReplica:
             except Exception:
                 log.warning("metrics push failed", exc_info=True)
             await asyncio.sleep(PUSH_INTERVAL_S)
+
+
+def stream_hold(settings: ServeSettings, running: int) -> float:
+    """Gathering time between two chunks of one stream: grows with the streams running, so
+    that a replica's chunks per second stay near `stream_chunks_per_s`; none for a lone one."""
+    if running <= 1:
+        return 0.0
+    return min(settings.stream_hold_max_s, running / settings.stream_chunks_per_s)
 
 
 def mark_ready(replica_id: str) -> str | None:

@@ -253,23 +253,18 @@ def test_serve_help_lists_the_options(capsys):
         assert flag in out
 
 
-def _replica_with(running: int, **settings):
-    from modelfleet.serving.replica import Admission, ModelReplica
+def _hold(running: int, **settings) -> float:
+    from modelfleet.serving.replica import stream_hold
 
-    replica = ModelReplica.__new__(ModelReplica)  # no engine: only the hold is computed
-    replica.settings = ServeSettings(name="t", model="m", **settings)
-    replica.admission = Admission(8)
-    replica.admission.running = running
-    return replica
+    return stream_hold(ServeSettings(name="t", model="m", **settings), running)
 
 
 def test_a_lone_stream_sends_every_token_and_busy_streams_gather():
-    assert _replica_with(0)._hold() == 0.0
-    assert _replica_with(1)._hold() == 0.0  # one event per token
-    two = _replica_with(2, stream_chunks_per_s=100)._hold()
-    eight = _replica_with(8, stream_chunks_per_s=100)._hold()
+    assert _hold(0) == 0.0
+    assert _hold(1) == 0.0  # one event per token
+    two, eight = _hold(2, stream_chunks_per_s=100), _hold(8, stream_chunks_per_s=100)
     assert two == pytest.approx(0.02) and eight == pytest.approx(0.08)  # ~100 chunks/s in all
-    assert _replica_with(200, stream_hold_max_s=0.25)._hold() == 0.25
+    assert _hold(200, stream_hold_max_s=0.25) == 0.25
 
 
 def test_chunk_rate_must_be_positive():
