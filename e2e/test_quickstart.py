@@ -32,6 +32,7 @@ import pytest
 
 from e2e import build
 from e2e.cluster import Cluster, ClusterError
+from e2e.load import stream_burst
 from e2e.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -466,31 +467,6 @@ spec:
 """
 
 
-async def burst(base: str, count: int, max_tokens: int) -> list[str]:
-    """`count` concurrent streamed completions; returns the failures."""
-    import asyncio
-
-    failures: list[str] = []
-
-    async def one(client: httpx.AsyncClient, i: int) -> None:
-        body = {"model": "tiny", "prompt": f"burst {i}", "max_tokens": max_tokens, "stream": True}
-        body["ignore_eos"] = True
-        try:
-            async with client.stream("POST", f"{base}/v1/completions", json=body) as resp:
-                if resp.status_code != 200:
-                    failures.append(f"{resp.status_code}: {(await resp.aread())[:200]!r}")
-                    return
-                lines = [line async for line in resp.aiter_lines()]
-                if "data: [DONE]" not in lines:
-                    failures.append("stream ended without [DONE]")
-        except httpx.HTTPError as err:
-            failures.append(f"{type(err).__name__}: {err}")
-
-    async with httpx.AsyncClient(timeout=600) as client:
-        await asyncio.gather(*(one(client, i) for i in range(count)))
-    return failures
-
-
 @pytest.mark.timeout(3600)
 def test_autoscaling_on_prometheus_raises_replicas_for_a_burst_and_lowers_them_after(quickstart_cluster):
     """The operator pod reads a real Prometheus (scraping the tiny Service inside the node's
@@ -550,7 +526,7 @@ def test_autoscaling_on_prometheus_raises_replicas_for_a_burst_and_lowers_them_a
         recorder = threading.Thread(target=record, daemon=True)
         recorder.start()
         started = time.monotonic()
-        failures = asyncio.run(burst(base, count=24, max_tokens=400))
+        failures = asyncio.run(stream_burst(base, "tiny", count=24, max_tokens=400))
         log(f"burst took {time.monotonic() - started:.0f} s; spec.replicas seen: {replicas_seen}")
         assert failures == [], failures[:3]
         assert 2 in replicas_seen, replicas_seen

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from serving_support import Serving, eventually
 
+from e2e.load import stream_burst
 from e2e.prometheus import PrometheusServer
 from modelfleet.api import AutoscalingSpec
 from modelfleet.operator.autoscaling.loop import LocalAutoscaler
@@ -74,36 +75,6 @@ def running_replicas() -> int:
     return deployment.replica_states.get("RUNNING", 0) if deployment else 0
 
 
-async def burst(base: str, count: int, max_tokens: int) -> list[str]:
-    """`count` concurrent streamed completions; returns the failures."""
-    failures: list[str] = []
-
-    async def one(client: httpx.AsyncClient, i: int) -> None:
-        body = {
-            "model": "auto",
-            "prompt": f"request {i} says",
-            "max_tokens": max_tokens,
-            "stream": True,
-            "temperature": 0,
-            "ignore_eos": True,
-        }
-        try:
-            async with client.stream("POST", f"{base}/v1/completions", json=body) as resp:
-                if resp.status_code != 200:
-                    failures.append(f"{resp.status_code}: {(await resp.aread())[:200]!r}")
-                    return
-                async for line in resp.aiter_lines():
-                    if line == "data: [DONE]":
-                        return
-                failures.append("stream ended without [DONE]")
-        except httpx.HTTPError as err:
-            failures.append(f"{type(err).__name__}: {err}")
-
-    async with httpx.AsyncClient(timeout=300) as client:
-        await asyncio.gather(*(one(client, i) for i in range(count)))
-    return failures
-
-
 def scaler_for(prometheus_url: str, deploy) -> LocalAutoscaler:
     return LocalAutoscaler(
         SPEC,
@@ -127,7 +98,7 @@ def test_burst_scales_up_then_steps_down_without_failures(auto_app, tmp_path):
         scaler.start()
         try:
             started = time.monotonic()
-            failures = asyncio.run(burst(base, count=24, max_tokens=96))
+            failures = asyncio.run(stream_burst(base, "auto", count=24, max_tokens=96))
             assert failures == [], failures[:3]
             ups = [p for p in scaler.timeline if p.decision == "ScaleUp"]
             seen = [(round(p.t, 1), p.queue, p.replicas, p.decision) for p in scaler.timeline]
