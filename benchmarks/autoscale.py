@@ -190,7 +190,7 @@ def plot(results: list[Result], trace: Trace, out: Path) -> Path:
         axes[1].step([t for t, _ in r.replicas], [n for _, n in r.replicas], where="post", label=r.name)
         axes[2].scatter([s for s, _ in r.ttft], [v for _, v in r.ttft], s=6, label=r.name)
     for ax in axes:
-        ax.axvspan(trace.idle_s, trace.idle_s + trace.burst_s, color="0.9")
+        ax.axvspan(trace.idle_s, trace.idle_s + trace.burst_s, color="0.9", zorder=0)  # behind the data
         ax.legend(loc="upper right")
     axes[0].set_ylabel("queue depth")
     axes[1].set_ylabel("running replicas")
@@ -208,8 +208,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
-    parser.add_argument("--base-rps", type=float, default=1.0)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    # The load is sized to what replicas can add on a small CPU machine: the burst (10x the base
+    # rate) needs two to three replicas of `maxNumSeqs` 2. A burst beyond what the machine's
+    # cores can serve with any number of replicas measures the cores, not the autoscaler.
+    parser.add_argument("--base-rps", type=float, default=0.2, help="requests/s outside the burst")
+    parser.add_argument("--max-tokens", type=int, default=256, help="tokens per request")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     trace = Trace(idle_s=15, burst_s=45, tail_s=60, base_rps=args.base_rps, max_tokens=args.max_tokens)
