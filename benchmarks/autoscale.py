@@ -1,13 +1,15 @@
 """Autoscaling on a step load: modelfleet's queue-depth autoscaler against Ray Serve's own.
 
 One local Ray + Serve, the tiny model, a real Prometheus scraping the application's /metrics.
-The same trace (idle, a 10x burst, idle) is replayed twice: once with modelfleet's autoscaler
+The same trace is replayed twice: once with modelfleet's autoscaler
 setting the replica count, once with Ray Serve's built-in autoscaler at its default delays
 (`target_ongoing_requests`, 30 s up, 600 s down). For each: reaction time (queue above target
 -> decision -> a new replica running), TTFT p99 during the burst, replica-seconds over the
 trace, failed requests. The timeline (queue depth, replicas, TTFT) is plotted to PNG.
 
-    python benchmarks/autoscale.py [--quick] [--json] [--out benchmarks/out]
+Traces: `step` (idle, one 10x burst, idle) and `bursty` (10x bursts of 15 s, 30 s apart).
+
+    python benchmarks/autoscale.py [--quick] [--json] [--trace step|bursty] [--out benchmarks/out]
 """
 
 from __future__ import annotations
@@ -35,23 +37,31 @@ from modelfleet.operator.autoscaling.loop import LocalAutoscaler  # noqa: E402
 
 @dataclasses.dataclass
 class Trace:
-    idle_s: float
-    burst_s: float
-    tail_s: float
+    name: str
+    bursts: list[tuple[float, float]]  # [start, end) windows at ten times the base rate
+    total_s: float
     base_rps: float
     max_tokens: int
 
-    @property
-    def total_s(self) -> float:
-        return self.idle_s + self.burst_s + self.tail_s
+    @classmethod
+    def step(cls, idle_s: float, burst_s: float, tail_s: float, base_rps: float, max_tokens: int) -> Trace:
+        return cls("step", [(idle_s, idle_s + burst_s)], idle_s + burst_s + tail_s, base_rps, max_tokens)
+
+    @classmethod
+    def bursty(cls, count: int, burst_s: float, gap_s: float, base_rps: float, max_tokens: int) -> Trace:
+        starts = [gap_s / 2 + k * (burst_s + gap_s) for k in range(count)]
+        total = starts[-1] + burst_s + gap_s
+        return cls("bursty", [(a, a + burst_s) for a in starts], total, base_rps, max_tokens)
+
+    def in_burst(self, t: float) -> bool:
+        return any(a <= t < b for a, b in self.bursts)
 
     def arrivals(self) -> list[float]:
-        """Request start times: evenly spaced at the base rate, ten times faster in the burst."""
+        """Request start times: evenly spaced at the base rate, ten times faster in a burst."""
         times, t = [], 0.0
         while t < self.total_s:
             times.append(t)
-            burst = self.idle_s <= t < self.idle_s + self.burst_s
-            t += 1.0 / (self.base_rps * (10 if burst else 1))
+            t += 1.0 / (self.base_rps * (10 if self.in_burst(t) else 1))
         return times
 
 
@@ -72,8 +82,9 @@ class Result:
             total += n * (t1 - t0)
         return total
 
-    def ttft_p99(self, since: float, until: float) -> float:
-        values = sorted(v for s, v in self.ttft if since <= s < until)
+    def ttft_p99(self, trace: Trace) -> float:
+        """Over the requests sent during a burst."""
+        values = sorted(v for s, v in self.ttft if trace.in_burst(s))
         return values[min(len(values) - 1, int(0.99 * (len(values) - 1)))] if values else float("nan")
 
 
@@ -190,15 +201,17 @@ def plot(results: list[Result], trace: Trace, out: Path) -> Path:
         axes[1].step([t for t, _ in r.replicas], [n for _, n in r.replicas], where="post", label=r.name)
         axes[2].scatter([s for s, _ in r.ttft], [v for _, v in r.ttft], s=6, label=r.name)
     for ax in axes:
-        ax.axvspan(trace.idle_s, trace.idle_s + trace.burst_s, color="0.9", zorder=0)  # behind the data
+        for a, b in trace.bursts:
+            ax.axvspan(a, b, color="0.9", zorder=0)  # behind the data
         ax.legend(loc="upper right")
     axes[0].set_ylabel("queue depth")
     axes[1].set_ylabel("running replicas")
     axes[2].set_ylabel("TTFT (s)")
     axes[2].set_xlabel("seconds (shaded: 10x burst)")
-    fig.suptitle("modelfleet autoscaler vs Ray Serve autoscaler defaults, tiny model on CPU")
+    fig.suptitle(f"modelfleet autoscaler vs Ray Serve autoscaler defaults: {trace.name} trace, tiny model")
     fig.tight_layout()
-    path = out / "autoscale_timeline.png"
+    suffix = "" if trace.name == "step" else f"_{trace.name}"
+    path = out / f"autoscale_timeline{suffix}.png"
     fig.savefig(path, dpi=110)
     return path
 
@@ -213,11 +226,16 @@ def main() -> int:
     # cores can serve with any number of replicas measures the cores, not the autoscaler.
     parser.add_argument("--base-rps", type=float, default=0.2, help="requests/s outside the burst")
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens per request")
+    parser.add_argument("--trace", choices=("step", "bursty"), default="step")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    trace = Trace(idle_s=15, burst_s=45, tail_s=60, base_rps=args.base_rps, max_tokens=args.max_tokens)
-    if not args.quick:
-        trace = Trace(idle_s=30, burst_s=120, tail_s=240, base_rps=args.base_rps, max_tokens=args.max_tokens)
+    load = {"base_rps": args.base_rps, "max_tokens": args.max_tokens}
+    if args.trace == "bursty":
+        trace = Trace.bursty(count=3 if args.quick else 6, burst_s=15, gap_s=30, **load)
+    elif args.quick:
+        trace = Trace.step(idle_s=15, burst_s=45, tail_s=60, **load)
+    else:
+        trace = Trace.step(idle_s=30, burst_s=120, tail_s=240, **load)
     down = 20 if args.quick else 60
     spec = AutoscalingSpec(
         enabled=True,
@@ -287,7 +305,6 @@ def main() -> int:
         serve.shutdown()
         ray.shutdown()
 
-    burst = (trace.idle_s, trace.idle_s + trace.burst_s)
     ours, theirs = results
     png = plot(results, trace, args.out)
     print()
@@ -310,7 +327,7 @@ def main() -> int:
         since_rise(ours, ours.serving_t),
         since_rise(theirs, theirs.serving_t),
     )
-    row("TTFT p99 in burst (s)", ours.ttft_p99(*burst), theirs.ttft_p99(*burst), "{:12.2f}")
+    row("TTFT p99 in burst (s)", ours.ttft_p99(trace), theirs.ttft_p99(trace), "{:12.2f}")
     row("replica-seconds", ours.replica_seconds(), theirs.replica_seconds())
     row("failed requests", len(ours.failures), len(theirs.failures), "{:12d}")
     print(f"timeline: {png}")
@@ -322,7 +339,8 @@ def main() -> int:
         "replica_seconds_ratio_vs_ray": round(ours.replica_seconds() / theirs.replica_seconds(), 3)
         if theirs.replica_seconds()
         else None,
-        "ttft_p99_ratio_vs_ray": round(ours.ttft_p99(*burst) / theirs.ttft_p99(*burst), 3),
+        "ttft_p99_ratio_vs_ray": round(ours.ttft_p99(trace) / theirs.ttft_p99(trace), 3),
+        "trace": trace.name,
         "plot": str(png),
     }
     if args.json:
