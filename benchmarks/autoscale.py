@@ -224,7 +224,7 @@ def main() -> int:
     # The load is sized to what replicas can add on a small CPU machine: the burst (10x the base
     # rate) needs two to three replicas of `maxNumSeqs` 2. A burst beyond what the machine's
     # cores can serve with any number of replicas measures the cores, not the autoscaler.
-    parser.add_argument("--base-rps", type=float, default=0.2, help="requests/s outside the burst")
+    parser.add_argument("--base-rps", type=float, default=0.3, help="requests/s outside the burst")
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens per request")
     parser.add_argument("--trace", choices=("step", "bursty"), default="step")
     args = parser.parse_args()
