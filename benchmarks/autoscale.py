@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -227,6 +228,9 @@ def main() -> int:
     parser.add_argument("--base-rps", type=float, default=0.3, help="requests/s outside the burst")
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens per request")
     parser.add_argument("--trace", choices=("step", "bursty"), default="step")
+    # A CPU replica adds capacity only while it has a core of its own; beyond that, starting
+    # one (a Ray worker, imports, the model load) takes CPU from the replicas already serving.
+    parser.add_argument("--max-replicas", type=int, default=max(2, min(4, os.cpu_count() or 2)))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     load = {"base_rps": args.base_rps, "max_tokens": args.max_tokens}
@@ -240,7 +244,7 @@ def main() -> int:
     spec = AutoscalingSpec(
         enabled=True,
         min_replicas=1,
-        max_replicas=4,
+        max_replicas=args.max_replicas,
         target_queue_depth=2,
         scale_down_stabilization_seconds=down,
     )
