@@ -13,7 +13,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,7 +110,6 @@ class LLMEngine:
         self._adds: deque[_Request] = deque()
         self._aborts: deque[_Request] = deque()
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="modelfleet-engine")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None  # the step loop
         self._work = threading.Event()  # set when a request arrives or is aborted
@@ -405,8 +403,7 @@ class LLMEngine:
         self._closed = True
         self._work.set()
         # The step loop sees `_closed` after its current step; the close waits for it.
-        _deliver(await asyncio.get_running_loop().run_in_executor(self._executor, self._close_workers))
-        self._executor.shutdown(wait=True)
+        _deliver(await asyncio.to_thread(self._close_workers))
 
     def _close_workers(self) -> list[tuple[_Request, RequestOutput]]:
         """Abort what is in flight (each gets a last "abort" delta) and stop the ranks."""
@@ -433,8 +430,7 @@ class LLMEngine:
         if not self._closed:
             self._closed = True
             self._work.set()
-            self._executor.submit(self._close_workers).result()
-            self._executor.shutdown(wait=True)
+            self._close_workers()
 
     # -- synchronous use (benchmarks, scripts) ----------------------------------------------------
 
