@@ -11,9 +11,8 @@ from modelfleet.api import ModelDeployment
 from modelfleet.api.quantity import parse_quantity
 from modelfleet.operator import naming
 from modelfleet.operator.overlay import merge
-from modelfleet.operator.serveconfig import API_KEY_ENV
 from modelfleet.operator.settings import OperatorSettings
-from modelfleet.serving.settings import SERVE_PROCESS_ENV
+from modelfleet.serving.settings import API_KEY_ENV, SERVE_PROCESS_ENV
 
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 READY_FILE = "/run/modelfleet/replica-ready"

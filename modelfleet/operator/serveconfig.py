@@ -12,10 +12,10 @@ from typing import Any
 
 from modelfleet.api import API_VERSION, KIND, ModelDeployment
 from modelfleet.operator.naming import SERVE_PORT
+from modelfleet.serving.settings import API_KEY_ENV
 
 IMPORT_PATH = "modelfleet.serving.app:build_app"
 MODEL_DEPLOYMENT = "Model"
-API_KEY_ENV = "MODELFLEET_API_KEY"
 SCALE_PATH = "/api/v1/applications/{app}/deployments/" + MODEL_DEPLOYMENT + "/scale"
 
 
