@@ -1,4 +1,4 @@
-"""Autoscaling on a step load: modelfleet's queue-depth autoscaler against Ray Serve's own.
+"""Autoscaling on a replayed load: modelfleet's queue-depth autoscaler against Ray Serve's own.
 
 One local Ray + Serve, the tiny model, a real Prometheus scraping the application's /metrics.
 The same trace is replayed twice: once with modelfleet's autoscaler

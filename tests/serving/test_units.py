@@ -3,6 +3,7 @@ the metrics merge, and response framing."""
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -279,7 +280,5 @@ def test_replicas_and_local_ray_share_the_serve_process_env(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "1")  # a user's choice stays
     apply_serve_process_env()
-    import os
-
     assert os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
     assert os.environ["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] == "1"
