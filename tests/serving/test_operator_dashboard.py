@@ -95,7 +95,10 @@ def reconciler(ray_head, monkeypatch_module) -> Reconciler:
         return config
 
     monkeypatch_module.setattr(reconcile_module, "serve_config", on_loopback)
-    settings = OperatorSettings(dashboard_url=f"http://127.0.0.1:{port}")
+    # The first deploy starts Serve's controller inside the dashboard's request; on a busy
+    # 2-core machine that can outlast the operator's 5 s default (which the operator meets
+    # by retrying on its next pass; this test wants the first call's answer).
+    settings = OperatorSettings(dashboard_url=f"http://127.0.0.1:{port}", dashboard_timeout_seconds=60.0)
     rec = Reconciler(settings, kube=object())  # type: ignore[arg-type]
     md = md_with(1)
     rec._tokens[f"{md.namespace}/{md.name}/{md.metadata.uid}"] = token
