@@ -17,10 +17,16 @@ API_KEY_ENV = "MODELFLEET_API_KEY"
 # router run on each replica's main event loop instead of threads of their own, which
 # saves two thread hops per streamed chunk (about a fifth more tokens/s through the
 # endpoint under load). The engine's model steps run on a thread of their own, so the
-# event loop stays free.
+# event loop stays free. Calls between the proxy, the ingress and the model replicas go
+# over Serve's direct gRPC channel rather than Ray actor calls (a fifth more again, and
+# a lower TTFT), and request-path log lines are written in batches (errors at once):
+# the settings of Ray Serve's own throughput-optimized profile, less its experimental
+# proxy-less ingress.
 SERVE_PROCESS_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
 }
 
 

@@ -82,6 +82,7 @@ def test_head_has_no_gpu_and_exposes_ray_ports():
     assert env["RAY_AUTH_MODE"]["value"] == "token"
     assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "tiny-ray-token"
     assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"]["value"] == "0"  # as `modelfleet serve`
+    assert env["RAY_SERVE_USE_GRPC_BY_DEFAULT"]["value"] == "1"
 
 
 def test_worker_requests_tp_gpus_on_one_pod_with_product_affinity():
