@@ -48,7 +48,7 @@ class _Request:
     seq: Sequence
     detok: IncrementalDetokenizer
     stops: list[str]
-    queue: asyncio.Queue | None = None
+    sink: Any = None  # has put_nowait(output | exception), called on the event loop
     text: str = ""  # all output text so far (after stop-string truncation)
     emitted: int = 0  # characters of `text` already sent
     sent_tokens: int = 0
@@ -309,6 +309,9 @@ class LLMEngine:
     async def start(self) -> None:
         """Start the step loop on the engine thread, delivering to the running event loop
         (idempotent)."""
+        self._start()
+
+    def _start(self) -> None:
         if self._closed:
             raise RuntimeError("engine is shut down")
         self._loop = asyncio.get_running_loop()  # outputs go to the latest caller's loop
@@ -351,15 +354,12 @@ class LLMEngine:
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Stream deltas of one request. Closing the iterator early aborts it and frees its blocks."""
-        req = self._new_request(prompt, params or SamplingParams(), request_id)
-        await self.start()
-        req.queue = asyncio.Queue()
-        self._adds.append(req)
-        self._work.set()
+        queue: asyncio.Queue = asyncio.Queue()
+        req = self.submit(prompt, params, queue, request_id)
         done = False
         try:
             while True:
-                out = await req.queue.get()
+                out = await queue.get()
                 if isinstance(out, Exception):
                     done = True
                     raise RuntimeError(f"engine step failed: {out}") from out
@@ -371,6 +371,22 @@ class LLMEngine:
         finally:
             if not done:
                 self.abort(req)
+
+    def submit(
+        self, prompt: Prompt, params: SamplingParams | None, sink: Any, request_id: str | None = None
+    ) -> _Request:
+        """Start one request whose outputs go to `sink.put_nowait(...)` on the event loop:
+        one call per step that produced something, the last with a `finish_reason`, or an
+        exception when the step failed. Call it on the event loop; `abort(request)` stops it.
+
+        `generate` is built on it. A server that merges many requests' outputs into one
+        place passes its own sink and saves a task wake-up per token per request."""
+        req = self._new_request(prompt, params or SamplingParams(), request_id)
+        self._start()
+        req.sink = sink
+        self._adds.append(req)
+        self._work.set()
+        return req
 
     def abort(self, req: _Request) -> None:
         self._aborts.append(req)
@@ -464,10 +480,10 @@ class LLMEngine:
 
 
 def _deliver(outputs: list[tuple[_Request, Any]]) -> None:
-    """Hand a step's outputs to their requests' queues (on the event loop)."""
+    """Hand a step's outputs to their requests' sinks (on the event loop)."""
     for req, out in outputs:
-        if req.queue is not None:
-            req.queue.put_nowait(out)
+        if req.sink is not None:
+            req.sink.put_nowait(out)
 
 
 __all__ = ["Completion", "LLMEngine", "Status"]

@@ -334,13 +334,41 @@ class Delta:
     finish_reason: str | None
 
 
+class _Choice:
+    """The engine's sink for one choice of a Run: its outputs go straight into the Run's
+    queue, tagged with the choice's index, with no task of its own in between."""
+
+    __slots__ = ("done", "index", "request", "run")
+
+    def __init__(self, run: Run, index: int) -> None:
+        self.run = run
+        self.index = index
+        self.request: Any = None
+        self.done = False
+
+    def put_nowait(self, out: Any) -> None:
+        queue = self.run.queue
+        if isinstance(out, BaseException):
+            self.done = True
+            error = RuntimeError(f"engine step failed: {out}")
+            error.__cause__ = out
+            queue.put_nowait((self.index, error))
+            return
+        queue.put_nowait((self.index, out))
+        if out.finish_reason is not None:
+            self.done = True
+            queue.put_nowait((self.index, None))
+            self.run.finished.set()
+
+
 class Run:
     """The engine requests behind one API request (one per choice), started at once.
 
-    Each choice is pumped by its own task into one queue; `batches()` drains all that is
-    there at each wake-up, so a busy replica sends fewer, larger messages through Serve.
-    `close()` cancels what is still running (which aborts it in the engine and frees its
-    KV blocks) and settles the admission counts; it is safe to call more than once.
+    Every choice's outputs land in one queue as the engine's steps produce them;
+    `batches()` drains all that is there at each wake-up, so a busy replica sends fewer,
+    larger messages through Serve. `close()` aborts what is still running in the engine
+    (freeing its KV blocks) and settles the admission counts; it is safe to call more than
+    once.
     """
 
     def __init__(self, replica: ModelReplica, writer: ResponseWriter, jobs: list[tuple[list[int], Any]]):
@@ -352,25 +380,13 @@ class Run:
         self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self.finished = asyncio.Event()
         request_id = uuid.uuid4().hex
-        self.tasks = [
-            asyncio.create_task(self._pump(i, f"{request_id}-{i}", prompt, params))
-            for i, (prompt, params) in enumerate(jobs)
-        ]
-
-    async def _pump(self, i: int, request_id: str, prompt: list[int], params: Any) -> None:
-        gen = self.replica.engine.generate(prompt, params, request_id=request_id)
-        try:
-            async for out in gen:
-                self.queue.put_nowait((i, out))
-                if out.finish_reason is not None:
-                    self.finished.set()
-            self.queue.put_nowait((i, None))
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # surfaced by the consumer
-            self.queue.put_nowait((i, exc))
-        finally:
-            await gen.aclose()
+        self.choices = [_Choice(self, i) for i in range(len(jobs))]
+        for choice, (prompt, params) in zip(self.choices, jobs, strict=True):
+            try:
+                choice.request = replica.engine.submit(prompt, params, choice, f"{request_id}-{choice.index}")
+            except Exception as exc:  # surfaced by the consumer, as a step's failure would be
+                choice.done = True
+                self.queue.put_nowait((choice.index, exc))
 
     async def batches(self, hold: Callable[[], float] | None = None) -> AsyncIterator[list[Delta]]:
         """What the choices produced since the last batch, one merged Delta per choice.
@@ -381,8 +397,8 @@ class Run:
         """
         m = self.replica.metrics
         t0 = self.t0
-        last = [t0] * len(self.tasks)
-        remaining = len(self.tasks)
+        last = [t0] * len(self.choices)
+        remaining = len(self.choices)
         sent_at: float | None = None
         while remaining:
             if sent_at is not None and hold is not None:
@@ -430,7 +446,8 @@ class Run:
         if self.closed:
             return
         self.closed = True
-        for t in self.tasks:
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for choice in self.choices:
+            if not choice.done and choice.request is not None:
+                choice.done = True
+                self.replica.engine.abort(choice.request)
         self.replica.admission.finish(self.started)

@@ -95,6 +95,40 @@ async def test_closing_the_stream_aborts_and_frees_blocks(engine):
     assert (await collect(engine, "Hi", SamplingParams(max_tokens=3)))[-1].finish_reason
 
 
+class ListSink:
+    """A sink that keeps every output handed to it, as a server merging streams would."""
+
+    def __init__(self) -> None:
+        self.items: list = []
+
+    def put_nowait(self, out) -> None:
+        self.items.append(out)
+
+
+async def test_submit_hands_each_step_to_the_sink_and_abort_frees_blocks(engine):
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    sinks = [ListSink(), ListSink()]
+    for sink, prompt in zip(sinks, ["Hello there", "Once upon a time"], strict=True):
+        engine.submit(prompt, params, sink)
+    await eventually(lambda: all(s.items and s.items[-1].finish_reason for s in sinks))
+    for sink, prompt in zip(sinks, ["Hello there", "Once upon a time"], strict=True):
+        assert [o.finish_reason for o in sink.items] == [None] * 7 + ["length"]
+        alone = await collect(engine, prompt, params)
+        assert [o.token_ids for o in sink.items] == [o.token_ids for o in alone]
+
+    long = ListSink()
+    req = engine.submit("A long story", SamplingParams(max_tokens=200, ignore_eos=True), long)
+    await eventually(lambda: len(long.items) >= 2)
+    engine.abort(req)
+    await eventually(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().running == 0)
+    seen = len(long.items)
+    await asyncio.sleep(0.2)  # no step hands it anything more
+    assert len(long.items) == seen < 200 and long.items[-1].finish_reason is None
+    with pytest.raises(InvalidRequest):
+        engine.submit("", params, ListSink())  # checked before anything is queued
+    assert engine.stats().waiting == 0
+
+
 @pytest.mark.parametrize(("prompt", "params", "param"), [
     ("", {}, "prompt"),
     ([], {}, "prompt"),
