@@ -341,12 +341,15 @@ class LLMEngine:
                     self._loop.call_soon_threadsafe(_deliver, outputs)
 
     def _fail_all(self, error: Exception) -> list[tuple[_Request, Any]]:
+        """Finish every request in flight; each gets the step's error, wrapped once here."""
         with self._lock:
             failed: list[tuple[_Request, Any]] = []
             for req in list(self._requests.values()):
                 self.scheduler.finish(req.seq)
                 req.finish_reason = "abort"
-                failed.append((req, error))
+                wrapped = RuntimeError(f"engine step failed: {error}")
+                wrapped.__cause__ = error
+                failed.append((req, wrapped))
             self._requests.clear()
             return failed
 
@@ -362,7 +365,7 @@ class LLMEngine:
                 out = await queue.get()
                 if isinstance(out, Exception):
                     done = True
-                    raise RuntimeError(f"engine step failed: {out}") from out
+                    raise out
                 if out.finish_reason is not None:
                     done = True
                 yield out
@@ -376,8 +379,9 @@ class LLMEngine:
         self, prompt: Prompt, params: SamplingParams | None, sink: Any, request_id: str | None = None
     ) -> _Request:
         """Start one request whose outputs go to `sink.put_nowait(...)` on the event loop:
-        one call per step that produced something, the last with a `finish_reason`, or an
-        exception when the step failed. Call it on the event loop; `abort(request)` stops it.
+        one call per step that produced something, the last with a `finish_reason`, or a
+        RuntimeError ("engine step failed: ...") when the step failed. Call it on the event
+        loop; `abort(request)` stops it.
 
         `generate` is built on it. A server that merges many requests' outputs into one
         place passes its own sink and saves a task wake-up per token per request."""

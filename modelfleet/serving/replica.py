@@ -348,14 +348,10 @@ class _Choice:
 
     def put_nowait(self, out: Any) -> None:
         queue = self.run.queue
-        if isinstance(out, BaseException):
-            self.done = True
-            error = RuntimeError(f"engine step failed: {out}")
-            error.__cause__ = out
-            queue.put_nowait((self.index, error))
-            return
         queue.put_nowait((self.index, out))
-        if out.finish_reason is not None:
+        if isinstance(out, BaseException):  # the engine's step failed; the consumer raises it
+            self.done = True
+        elif out.finish_reason is not None:
             self.done = True
             queue.put_nowait((self.index, None))
             self.run.finished.set()

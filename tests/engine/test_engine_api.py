@@ -107,11 +107,12 @@ class ListSink:
 
 async def test_submit_hands_each_step_to_the_sink_and_abort_frees_blocks(engine):
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    sinks = [ListSink(), ListSink()]
-    for sink, prompt in zip(sinks, ["Hello there", "Once upon a time"], strict=True):
+    prompts = ["Hello there", "Once upon a time"]
+    sinks = [ListSink() for _ in prompts]
+    for sink, prompt in zip(sinks, prompts, strict=True):
         engine.submit(prompt, params, sink)
     await eventually(lambda: all(s.items and s.items[-1].finish_reason for s in sinks))
-    for sink, prompt in zip(sinks, ["Hello there", "Once upon a time"], strict=True):
+    for sink, prompt in zip(sinks, prompts, strict=True):
         assert [o.finish_reason for o in sink.items] == [None] * 7 + ["length"]
         alone = await collect(engine, prompt, params)
         assert [o.token_ids for o in sink.items] == [o.token_ids for o in alone]
