@@ -184,7 +184,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_endpoint(model_uri: str, max_num_seqs: int) -> tuple[str, str]:
+def start_endpoint(model_uri: str, max_num_seqs: int, engine_process: bool = True) -> tuple[str, str]:
     import ray
     from ray import serve
 
@@ -195,7 +195,9 @@ def start_endpoint(model_uri: str, max_num_seqs: int) -> tuple[str, str]:
     ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
-    settings = ServeSettings(name="bench", model=model_uri, max_num_seqs=max_num_seqs, device="cpu")
+    settings = ServeSettings(
+        name="bench", model=model_uri, max_num_seqs=max_num_seqs, device="cpu", engine_process=engine_process
+    )
     serve.run_many(
         [
             serve.RunTarget(
@@ -324,6 +326,11 @@ def main() -> int:
     )
     p.add_argument("--repeats", type=int, default=2, help="runs of each side per level (best kept)")
     p.add_argument("--quick", action="store_true", help="fewer requests per level")
+    p.add_argument(
+        "--engine-thread",
+        action="store_true",
+        help="serve with the engine on a thread of the replica instead of a process of its own",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line last")
     p.add_argument("--plot", type=Path, default=OUT / "serve_load.png")
     args = p.parse_args()
@@ -333,7 +340,7 @@ def main() -> int:
         args.rounds, args.min_requests = 2, 8
     started = None
     if args.url is None:
-        args.url, args.model = start_endpoint(args.model_uri, args.max_num_seqs)
+        args.url, args.model = start_endpoint(args.model_uri, args.max_num_seqs, not args.engine_thread)
         started = True
     try:
         levels = asyncio.run(run(args))

@@ -9,6 +9,9 @@ class InvalidRequest(ValueError):
         self.param = param
         self.message = message
 
+    def __reduce__(self):  # picklable across the engine process's pipe
+        return (type(self), (self.param, self.message))
+
 
 class InvalidConfig(InvalidRequest):
     """An engine config field is invalid."""

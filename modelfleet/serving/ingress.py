@@ -48,8 +48,10 @@ class OpenAIIngress:
     async def __init__(self, settings: dict[str, Any], model: Any, hub: Any):
         self.settings = ServeSettings.from_dict(settings)
         self.api_key = self.settings.resolve_api_key()
-        self.model = model
-        self.model_stream = model.options(stream=True)
+        # Calls to the model replicas go over Serve's gRPC channel, whatever the process that
+        # built the application had set (a handle carries its creator's default).
+        self.model = model.options(_by_reference=False)
+        self.model_stream = model.options(stream=True, _by_reference=False)
         self.hub = hub
         self.created = int(time.time())
         try:

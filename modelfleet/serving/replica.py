@@ -85,7 +85,15 @@ class ModelReplica:
             worker_backend="ray" if s.tensor_parallel_size > 1 else "mp",
         )
         # Loading is synchronous (weights, workers); keep the replica's loop free meanwhile.
-        self.engine = await asyncio.to_thread(LLMEngine, cfg)
+        # With one rank the engine steps in a process of its own, so its step loop and this
+        # event loop do not take turns on one GIL; a tensor-parallel engine's ranks are Ray
+        # actors in this replica's placement group, so its rank 0 stays in this process.
+        if s.engine_process and s.tensor_parallel_size == 1:
+            from modelfleet.engine.process import EngineProcess
+
+            self.engine = await asyncio.to_thread(EngineProcess, cfg)
+        else:
+            self.engine = await asyncio.to_thread(LLMEngine, cfg)
         await self.engine.start()
         self.max_model_len: int = self.engine.max_model_len
         self._hub = hub
@@ -99,6 +107,8 @@ class ModelReplica:
         """Serve calls this periodically; raising makes Serve replace the replica."""
         if self.fault is not None:
             raise RuntimeError(f"engine failed: {self.fault}")
+        if not self.engine.alive():
+            raise RuntimeError("the engine is not running")
 
     async def __del__(self) -> None:
         # Readiness goes first: the pod stops taking traffic and a preStop drain may finish.
@@ -149,6 +159,7 @@ class ModelReplica:
         import torch
 
         st = self.engine.stats()
+        info = getattr(self.engine, "info", None)  # an engine process says its own threads
         return {
             "replica": self.replica_id,
             "waiting": self.admission.waiting,
@@ -158,23 +169,15 @@ class ModelReplica:
             "kv_blocks_used": st.kv_blocks_used,
             "kv_blocks_total": st.kv_blocks_total,
             "generation_tokens_total": st.generation_tokens_total,
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": info.torch_threads if info is not None else torch.get_num_threads(),
+            "engine_pid": getattr(self.engine, "pid", None) or os.getpid(),
         }
 
     async def inject_fault(self) -> None:
         """Make the engine's next model step raise, as a broken device would (recovery tests)."""
         if not self.settings.enable_fault_injection:
             raise errors.APIError(403, "fault injection is disabled")
-        runner = self.engine.runner
-        original = runner.call
-
-        def failing(method: str, *args: Any, **kwargs: Any) -> Any:
-            if method == "run":
-                runner.call = original
-                raise RuntimeError("injected fault in the model step")
-            return original(method, *args, **kwargs)
-
-        runner.call = failing
+        self.engine.inject_step_fault()
 
     # -- the path of a request -----------------------------------------------------------
 

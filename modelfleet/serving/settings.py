@@ -75,6 +75,9 @@ class ServeSettings:
     lone stream, goes at once."""
     stream_hold_max_s: float = 0.25
     """The longest a stream gathers tokens before it sends them."""
+    engine_process: bool = True
+    """With tensor_parallel_size 1, the engine steps in a child process of the replica rather
+    than on a thread of it (no GIL shared with the replica's event loop)."""
     health_check_period_s: float = 2.0
     enable_fault_injection: bool = False
     """Adds a handle method that breaks the engine; for recovery tests only."""

@@ -22,6 +22,7 @@ from modelfleet.engine import (
     SamplingParams,
 )
 from modelfleet.engine.builtin import materialize
+from modelfleet.engine.process import EngineProcess
 
 
 async def eventually(check, timeout: float = 10.0) -> None:
@@ -31,9 +32,12 @@ async def eventually(check, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-@pytest.fixture
-async def engine():
-    e = LLMEngine(EngineConfig(device="cpu", max_model_len=256))
+@pytest.fixture(params=["thread", "process"])
+async def engine(request):
+    """Each API test runs against the engine stepping on a thread of this process and
+    against the engine in a process of its own, through its client."""
+    config = EngineConfig(device="cpu", max_model_len=256)
+    e = LLMEngine(config) if request.param == "thread" else await asyncio.to_thread(EngineProcess, config)
     await e.start()
     yield e
     await e.shutdown()

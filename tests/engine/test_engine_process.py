@@ -1,0 +1,146 @@
+"""The engine in a process of its own: what only a separate process can get wrong.
+
+Loading errors reach the caller, a step's fault fails only the requests in flight, the
+process dying fails them with its exit code instead of leaving them waiting, and nothing
+outlives the client. The API itself is tested against both engines in test_engine_api.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from modelfleet.engine import EngineConfig, InvalidConfig, InvalidRequest, LLMEngine, SamplingParams
+from modelfleet.engine.process import EngineProcess
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.items: list = []
+
+    def put_nowait(self, out) -> None:
+        self.items.append(out)
+
+
+async def eventually(check, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def exited(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # a zombie still answers signal 0; it has exited all the same
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.fixture
+async def engine():
+    e = await asyncio.to_thread(EngineProcess, EngineConfig(device="cpu", max_model_len=256))
+    await e.start()
+    yield e
+    await e.shutdown()
+
+
+async def test_outputs_equal_the_in_process_engine_and_the_model_lives_in_the_child(engine):
+    prompts = ["The river ran", "Hello there, how are you?", "A model reads a prompt"]
+    local = LLMEngine(EngineConfig(device="cpu", max_model_len=256))
+    want = [c.token_ids for c in local.generate_batch(prompts, GREEDY)]
+    local.close()
+
+    async def collect(prompt):
+        return [o async for o in engine.generate(prompt, GREEDY)]
+
+    got = await asyncio.gather(*(collect(p) for p in prompts))
+    assert [[t for o in outs for t in o.token_ids] for outs in got] == want
+    assert engine.pid != os.getpid() and engine.alive()
+    assert not hasattr(engine, "runner")  # no model weights on the client's side
+    stats = engine.stats()
+    assert stats.generation_tokens_total == 36 and stats.running == 0 and stats.kv_blocks_used == 0
+
+
+async def test_a_step_fault_fails_the_requests_in_flight_and_the_engine_serves_on(engine):
+    engine.inject_step_fault()
+    sink = ListSink()
+    engine.submit("Hello", GREEDY, sink)
+    await eventually(lambda: sink.items)
+    assert isinstance(sink.items[0], RuntimeError)
+    assert str(sink.items[0]) == "engine step failed: injected fault in the model step"
+    outs = [o async for o in engine.generate("Hello", GREEDY)]
+    assert outs[-1].finish_reason == "length" and engine.alive()
+
+
+async def test_the_process_dying_fails_what_waits_on_it_with_its_exit_code(engine):
+    sink = ListSink()
+    engine.submit("A long story", SamplingParams(max_tokens=200, ignore_eos=True), sink)
+    await eventually(lambda: sink.items)
+    os.kill(engine.pid, signal.SIGKILL)
+    await eventually(lambda: isinstance(sink.items[-1], RuntimeError))
+    assert "engine process exited (exit code -9)" in str(sink.items[-1])
+    assert not engine.alive()
+    with pytest.raises(RuntimeError, match="engine process is not running"):
+        engine.submit("Hi", GREEDY, ListSink())
+
+
+async def test_bad_input_is_refused_by_the_client_before_anything_is_sent(engine):
+    with pytest.raises(InvalidRequest) as err:
+        engine.submit("Hi", SamplingParams(max_tokens=300), ListSink())
+    assert err.value.param == "max_tokens"
+    with pytest.raises(InvalidRequest) as err:
+        engine.submit([10**9], GREEDY, ListSink())
+    assert err.value.param == "prompt"
+    assert engine.stats().waiting == 0 and engine.alive()
+
+
+def test_a_bad_config_raises_the_childs_error_with_its_field():
+    with pytest.raises(InvalidConfig, match=r"^max_model_len:") as err:
+        EngineProcess(EngineConfig(device="cpu", max_model_len=1 << 20))
+    assert err.value.param == "max_model_len"  # the exception kept its fields across the pipe
+
+
+async def test_shutdown_fails_what_is_in_flight_and_leaves_no_process():
+    engine = await asyncio.to_thread(EngineProcess, EngineConfig(device="cpu", max_model_len=256))
+    await engine.start()
+    pid = engine.pid
+    sink = ListSink()
+    engine.submit("A long story", SamplingParams(max_tokens=200, ignore_eos=True), sink)
+    await eventually(lambda: sink.items)
+    await engine.shutdown()
+    assert isinstance(sink.items[-1], RuntimeError) and "engine shut down" in str(sink.items[-1])
+    assert exited(pid) and not engine.alive()
+
+
+def test_a_script_without_a_main_guard_starts_one_engine(tmp_path):
+    """The child is a fresh interpreter, not a re-run of the caller's main module."""
+    script = tmp_path / "plain.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            from modelfleet.engine import EngineConfig
+            from modelfleet.engine.process import EngineProcess
+            print("started", flush=True)
+            engine = EngineProcess(EngineConfig(device="cpu", max_model_len=128))
+            print("pid", engine.pid, flush=True)
+            engine.close()
+            """
+        )
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split()
+    assert lines.count("started") == 1 and lines[lines.index("pid") + 1].isdigit()
+    assert exited(int(lines[lines.index("pid") + 1]))
