@@ -1,6 +1,7 @@
-"""The model deployment: each Serve replica loads one engine (whose steps run on a thread of
-their own and feed the replica's event loop), admits requests against a bounded queue, and
-turns engine deltas into OpenAI responses.
+"""The model deployment: each Serve replica loads one engine (with one rank, in a process of
+its own whose step outputs reach the replica's event loop down a pipe; with more, rank 0 on
+a thread of the replica), admits requests against a bounded queue, and turns engine deltas
+into OpenAI responses.
 
 Where requests wait: at the replica. Every request a replica accepts goes straight to
 its engine, whose scheduler holds it until a sequence slot and KV blocks are free; it
