@@ -6,14 +6,23 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from modelfleet.engine.errors import InvalidConfig
 
+if TYPE_CHECKING:
+    import torch
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# torch is imported where a dtype or device is needed, so that the client of an engine
+# process can check a config without loading torch.
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @dataclass
@@ -62,7 +71,7 @@ class EngineConfig:
             raise InvalidConfig("block_size", f"must be a power of two <= 256, got {self.block_size!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise InvalidConfig("device", f"must be auto, cpu or cuda, got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
+        if self.device == "cuda" and not _cuda_available():
             raise InvalidConfig("device", "cuda was asked for but no GPU is visible")
         if self.worker_backend not in ("mp", "ray"):
             raise InvalidConfig("worker_backend", f"must be mp or ray, got {self.worker_backend!r}")
@@ -73,7 +82,7 @@ class EngineConfig:
 
     def resolved_device(self) -> str:
         if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
+            return "cuda" if _cuda_available() else "cpu"
         return self.device
 
 
@@ -160,9 +169,12 @@ class ModelConfig:
 
 
 def resolve_dtype(requested: str, checkpoint: str | None, device: str) -> torch.dtype:
+    import torch
+
     if requested != "auto":
-        return DTYPES[requested]
-    dtype = DTYPES.get(checkpoint or "float32", torch.float32)
+        return getattr(torch, requested)
+    name = checkpoint or "float32"
+    dtype = getattr(torch, name) if name in DTYPES else torch.float32
     if device == "cpu" and dtype == torch.float16:
         return torch.float32  # half matmuls on CPUs are slow or missing
     return dtype

@@ -37,12 +37,15 @@ import uuid
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelfleet.engine.config import EngineConfig, ModelConfig
-from modelfleet.engine.engine import EngineFrontend, LLMEngine, Prompt
+from modelfleet.engine.frontend import EngineFrontend, Prompt
 from modelfleet.engine.params import EngineStats, SamplingParams
 from modelfleet.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from modelfleet.engine.engine import LLMEngine
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +85,14 @@ def main(fd: int) -> None:
     _engine_main(config, conn, threads, log_level)
 
 
-def _engine_main(config: EngineConfig, conn: Any, threads: int, log_level: int) -> None:
+def _engine_main(config: EngineConfig, conn: Any, threads: int | None, log_level: int) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
-    torch.set_num_threads(threads)
+    from modelfleet.engine.engine import LLMEngine
+
+    if threads:
+        torch.set_num_threads(threads)
     try:
         engine = LLMEngine(config)
     except BaseException as exc:
@@ -188,11 +194,12 @@ class _Core:
 
 class EngineProcess(EngineFrontend):
     """Starts the engine process and waits until its model is loaded (this blocks: call it
-    in a thread from async code). Then `await start()` on the loop that will consume."""
+    in a thread from async code). Then `await start()` on the loop that will consume.
 
-    def __init__(self, config: EngineConfig) -> None:
-        import torch
+    `threads` is the child's torch thread count; by default torch's own, which follows the
+    OMP_NUM_THREADS the child inherits (Ray sets it to a replica's CPUs)."""
 
+    def __init__(self, config: EngineConfig, threads: int | None = None) -> None:
         self.config = config
         # A fresh interpreter rather than multiprocessing's spawn, which would re-run the
         # caller's main module (a script without a __main__ guard would start itself again).
@@ -203,7 +210,7 @@ class EngineProcess(EngineFrontend):
         )
         child.close()
         try:
-            self._conn.send((config, torch.get_num_threads(), logging.getLogger().getEffectiveLevel()))
+            self._conn.send((config, threads, logging.getLogger().getEffectiveLevel()))
             kind, payload = self._conn.recv()
         except (EOFError, OSError):
             code = self._wait(10)

@@ -64,7 +64,7 @@ class ModelReplica:
     """One engine behind Serve. Methods are called through a DeploymentHandle."""
 
     async def __init__(self, settings: dict[str, Any], hub: Any = None):
-        from modelfleet.engine import EngineConfig, LLMEngine
+        from modelfleet.engine.config import EngineConfig
 
         self.settings = ServeSettings.from_dict(settings)
         s = self.settings
@@ -92,8 +92,10 @@ class ModelReplica:
         if s.engine_process and s.tensor_parallel_size == 1:
             from modelfleet.engine.process import EngineProcess
 
-            self.engine = await asyncio.to_thread(EngineProcess, cfg)
+            self.engine = await asyncio.to_thread(EngineProcess, cfg)  # torch loads in the child only
         else:
+            from modelfleet.engine.engine import LLMEngine
+
             self.engine = await asyncio.to_thread(LLMEngine, cfg)
         await self.engine.start()
         self.max_model_len: int = self.engine.max_model_len
@@ -157,10 +159,7 @@ class ModelReplica:
         return stream_hold(self.settings, self.admission.running)
 
     async def stats(self) -> dict[str, Any]:
-        import torch
-
         st = self.engine.stats()
-        info = getattr(self.engine, "info", None)  # an engine process says its own threads
         return {
             "replica": self.replica_id,
             "waiting": self.admission.waiting,
@@ -170,7 +169,7 @@ class ModelReplica:
             "kv_blocks_used": st.kv_blocks_used,
             "kv_blocks_total": st.kv_blocks_total,
             "generation_tokens_total": st.generation_tokens_total,
-            "torch_threads": info.torch_threads if info is not None else torch.get_num_threads(),
+            "torch_threads": _torch_threads(self.engine),
             "engine_pid": getattr(self.engine, "pid", None) or os.getpid(),
         }
 
@@ -287,6 +286,15 @@ class ModelReplica:
             except Exception:
                 log.warning("metrics push failed", exc_info=True)
             await asyncio.sleep(PUSH_INTERVAL_S)
+
+
+def _torch_threads(engine: Any) -> int:
+    info = getattr(engine, "info", None)
+    if info is not None:  # an engine process: its own count (this process has no torch)
+        return info.torch_threads
+    import torch
+
+    return torch.get_num_threads()
 
 
 def stream_hold(settings: ServeSettings, running: int) -> float:

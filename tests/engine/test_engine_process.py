@@ -124,17 +124,21 @@ async def test_shutdown_fails_what_is_in_flight_and_leaves_no_process():
     assert exited(pid) and not engine.alive()
 
 
-def test_a_script_without_a_main_guard_starts_one_engine(tmp_path):
-    """The child is a fresh interpreter, not a re-run of the caller's main module."""
+def test_a_script_without_a_main_guard_starts_one_engine_and_loads_no_torch(tmp_path):
+    """The child is a fresh interpreter, not a re-run of the caller's main module; the
+    caller's process never imports torch (the model lives in the child)."""
     script = tmp_path / "plain.py"
     script.write_text(
         textwrap.dedent(
             """
-            from modelfleet.engine import EngineConfig
+            import sys
+            from modelfleet.engine import EngineConfig, SamplingParams
             from modelfleet.engine.process import EngineProcess
             print("started", flush=True)
             engine = EngineProcess(EngineConfig(device="cpu", max_model_len=128))
             print("pid", engine.pid, flush=True)
+            engine.validate("Hello", SamplingParams(max_tokens=8))
+            print("torch", "torch" in sys.modules, flush=True)
             engine.close()
             """
         )
@@ -143,4 +147,5 @@ def test_a_script_without_a_main_guard_starts_one_engine(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split()
     assert lines.count("started") == 1 and lines[lines.index("pid") + 1].isdigit()
+    assert lines[lines.index("torch") + 1] == "False"
     assert exited(int(lines[lines.index("pid") + 1]))

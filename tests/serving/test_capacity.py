@@ -1,9 +1,12 @@
 """The `small` app has one sequence slot and a queue of one: a full queue answers 429, a
-cancelled stream gives its slot back, and an engine fault is a 500 after which Serve
-replaces the replica."""
+cancelled stream gives its slot back, and an engine fault (injected, or the engine's process
+killed) fails what is in flight, after which Serve replaces the replica."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import threading
 
 import httpx
@@ -21,6 +24,7 @@ class Stream:
         self.first = threading.Event()
         self.events = 0
         self.status: int | None = None
+        self.data: list[str] = []  # every event's data
         self._cm = self.client.stream("POST", url, json=body)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -32,6 +36,7 @@ class Stream:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
                         self.events += 1
+                        self.data.append(line[6:])
                         self.first.set()
         except httpx.HTTPError:
             pass
@@ -110,3 +115,29 @@ def test_engine_fault_is_500_and_the_replica_is_replaced(serving):
 
     eventually(recovered, 180, interval=1.0)
     assert app.stats()["replica"] != before
+
+
+def test_engine_process_killed_mid_stream_ends_it_with_an_error_and_the_replica_is_replaced(serving):
+    """A real fault rather than an injected one: the replica's engine process dies."""
+    app = serving.small
+    st = eventually(lambda: _idle(app), 180)
+    pid = st["engine_pid"]
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert b"modelfleet.engine.process" in f.read()  # the engine is a process of its own
+    stream = Stream(f"{app.v1}/completions", LONG)
+    assert stream.first.wait(60) and stream.status == 200
+    eventually(lambda: stream.events >= 3, 30)
+    os.kill(pid, signal.SIGKILL)
+    stream._thread.join(60)
+    assert stream.data[-1] == "[DONE]"  # the stream ends properly, with the error just before
+    error = json.loads(stream.data[-2])["error"]
+    assert error["type"] == "server_error"
+    assert "engine process exited (exit code -9)" in error["message"]
+
+    def recovered() -> bool:
+        out = app.client(timeout=30).completions.create(model="small", prompt="Hi", max_tokens=4)
+        return bool(out.choices)
+
+    eventually(recovered, 180, interval=1.0)
+    after = app.stats()
+    assert after["replica"] != st["replica"] and after["engine_pid"] != pid
