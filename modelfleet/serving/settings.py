@@ -16,10 +16,11 @@ API_KEY_ENV = "MODELFLEET_API_KEY"
 # workers, so they are set before `ray.init` / `ray start`): user code and the handle's
 # router run on each replica's main event loop instead of threads of their own, which
 # saves two thread hops per streamed chunk (about a fifth more tokens/s through the
-# endpoint under load). The engine's model steps run on a thread of their own, so the
-# event loop stays free. Calls between the proxy, the ingress and the model replicas go
-# over Serve's direct gRPC channel rather than Ray actor calls (a fifth more again, and
-# a lower TTFT), and request-path log lines are written in batches (errors at once):
+# endpoint under load). The engine's model steps run in a process of their own (on a
+# thread for a tensor-parallel engine), so the event loop stays free. Calls between the
+# proxy, the ingress and the model replicas go over Serve's direct gRPC channel rather
+# than Ray actor calls (a fifth more again, and a lower TTFT; the ingress also asks for it
+# on its handles), and request-path log lines are written in batches (errors at once):
 # the settings of Ray Serve's own throughput-optimized profile, less its experimental
 # proxy-less ingress.
 SERVE_PROCESS_ENV = {
