@@ -34,6 +34,10 @@ from modelfleet.serving.settings import ServeSettings
 log = logging.getLogger("modelfleet.serving")
 
 PUSH_INTERVAL_S = 1.0
+# How long a stream's opening waits to go out with the first token. A request that starts at
+# once has its first token within a step or two; one that waits for a slot in the batch sends
+# its opening alone after this, so the client has the response's status while it waits.
+FIRST_TOKEN_WAIT_S = 0.05
 
 
 class Admission:
@@ -138,22 +142,44 @@ class ModelReplica:
         return writer.body()
 
     async def stream(self, kind: str, request: Any) -> AsyncIterator[str]:
-        """Server-sent events. The first item (empty, or the chat role chunk) is yielded as
-        soon as the request is admitted, so the ingress can answer errors with a status
+        """Server-sent events. The first item (the chat role chunk, if any, and the first
+        token) comes once the request is admitted and has started, or FIRST_TOKEN_WAIT_S after
+        admission if it waits in the queue, so the ingress can answer errors with a status
         before the stream starts."""
         writer, run = await self._begin(kind, request)
+        batches = run.batches(self._hold)
+        first = asyncio.ensure_future(anext(batches, None))
+        opening = writer.opening()
+        closing: Callable[[], str] | None = writer.closing
         try:
-            yield writer.opening()
-            async for batch in run.batches(self._hold):
-                yield "".join(writer.delta_chunk(d.index, d.text, d.logprobs, d.finish_reason) for d in batch)
+            # Each message costs a hop through Serve's ingress and proxy, so the stream's fixed
+            # parts ride on its tokens: the opening on the first token when that comes within
+            # FIRST_TOKEN_WAIT_S (a request that waits for a slot sends it alone, so the
+            # ingress can answer with a status meanwhile), the closing on the last.
+            done, _ = await asyncio.wait((first,), timeout=FIRST_TOKEN_WAIT_S)
+            if not done:
+                yield opening
+                opening = ""
+            batch = await first
+            while batch is not None:
+                chunk = opening + "".join(
+                    writer.delta_chunk(d.index, d.text, d.logprobs, d.finish_reason) for d in batch
+                )
+                opening = ""
+                if run.remaining == 0:
+                    chunk, closing = chunk + closing(), None
+                yield chunk
+                batch = await anext(batches, None)
         except errors.APIError as err:
             from modelfleet.serving.responses import error_event
 
-            yield error_event(err.body())
+            yield opening + error_event(err.body())
             return
         finally:
+            first.cancel()  # a no-op once it is done
             await run.close()
-        yield writer.closing()
+        if closing is not None:
+            yield opening + closing()
 
     def _hold(self) -> float:
         return stream_hold(self.settings, self.admission.running)
@@ -387,6 +413,7 @@ class Run:
         self.t0 = time.perf_counter()
         self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self.finished = asyncio.Event()
+        self.remaining = len(jobs)  # choices whose last output has not been drained yet
         request_id = uuid.uuid4().hex
         self.choices = [_Choice(self, i) for i in range(len(jobs))]
         for choice, (prompt, params) in zip(self.choices, jobs, strict=True):
@@ -406,9 +433,8 @@ class Run:
         m = self.replica.metrics
         t0 = self.t0
         last = [t0] * len(self.choices)
-        remaining = len(self.choices)
         sent_at: float | None = None
-        while remaining:
+        while self.remaining:
             if sent_at is not None and hold is not None:
                 wait = sent_at + hold() - time.perf_counter()
                 if wait > 0:  # gather, but a finishing choice ends the wait
@@ -422,7 +448,7 @@ class Run:
             now = time.perf_counter()
             for i, out in items:
                 if out is None:
-                    remaining -= 1
+                    self.remaining -= 1
                     continue
                 if isinstance(out, BaseException):
                     raise self.replica._fail(out) from out
