@@ -7,9 +7,11 @@ setting the replica count, once with Ray Serve's built-in autoscaler at its defa
 -> decision -> a new replica running), TTFT p99 during the burst, replica-seconds over the
 trace, failed requests. The timeline (queue depth, replicas, TTFT) is plotted to PNG.
 
-Traces: `step` (idle, one 10x burst, idle) and `bursty` (10x bursts of 15 s, 30 s apart).
+Traces: `step` (idle, one 10x burst, idle) and `bursty` (10x bursts of 15 s, 30 s apart). The
+burst's rate is `--burst-load` times what one replica serves, measured before the runs, so the
+burst needs more replicas on any machine (or set `--base-rps`).
 
-    python benchmarks/autoscale.py [--quick] [--json] [--trace step|bursty] [--out benchmarks/out]
+    python benchmarks/autoscale.py [--quick] [--json] [--trace step|bursty] [--burst-load 1.5] [--out DIR]
 """
 
 from __future__ import annotations
@@ -133,6 +135,26 @@ async def replay(base: str, trace: Trace, result: Result, t0: float) -> None:
         await asyncio.gather(*(one(client, s, i) for i, s in enumerate(trace.arrivals())))
 
 
+async def capacity_rps(base: str, streams: int, max_tokens: int, rounds: int = 3) -> float:
+    """Requests per second one replica completes with `streams` requests always in flight,
+    streamed like the trace's (a stream's chunks cost the serving path more than one body)."""
+    body = {"model": "auto", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+
+    async def worker(client: httpx.AsyncClient, k: int) -> None:
+        for r in range(rounds):
+            request = {**body, "prompt": f"calibrate {k} {r}"}
+            async with client.stream("POST", f"{base}/v1/completions", json=request) as resp:
+                resp.raise_for_status()
+                async for _ in resp.aiter_lines():
+                    pass
+
+    async with httpx.AsyncClient(timeout=120) as client:
+        await worker(client, -1)  # warm
+        t0 = time.monotonic()
+        await asyncio.gather(*(worker(client, k) for k in range(streams)))
+        return streams * rounds / (time.monotonic() - t0)
+
+
 def run_one(
     name: str, base: str, deploy, prom: PrometheusServer, trace: Trace, spec: AutoscalingSpec, ours: bool
 ) -> Result:
@@ -217,15 +239,33 @@ def plot(results: list[Result], trace: Trace, out: Path) -> Path:
     return path
 
 
+def make_trace(args: argparse.Namespace) -> Trace:
+    load = {"base_rps": args.base_rps, "max_tokens": args.max_tokens}
+    if args.trace == "bursty":
+        return Trace.bursty(count=3 if args.quick else 6, burst_s=15, gap_s=30, **load)
+    if args.quick:
+        return Trace.step(idle_s=15, burst_s=45, tail_s=60, **load)
+    return Trace.step(idle_s=30, burst_s=120, tail_s=240, **load)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
     # The load is sized to what replicas can add on a small CPU machine: the burst (10x the base
-    # rate) needs two to three replicas of `maxNumSeqs` 2. A burst beyond what the machine's
-    # cores can serve with any number of replicas measures the cores, not the autoscaler.
-    parser.add_argument("--base-rps", type=float, default=0.3, help="requests/s outside the burst")
+    # rate) is 1.5 times what one replica of `maxNumSeqs` 2 serves, measured at the start, so it
+    # needs a second replica. A burst beyond what the machine's cores can serve with any number
+    # of replicas measures the cores, not the autoscaler; one that a replica absorbs, nothing.
+    parser.add_argument(
+        "--base-rps", type=float, help="requests/s outside the burst (default: from --burst-load)"
+    )
+    parser.add_argument(
+        "--burst-load",
+        type=float,
+        default=1.5,
+        help="the burst's rate as a multiple of what one replica serves, measured at the start",
+    )
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens per request")
     parser.add_argument("--trace", choices=("step", "bursty"), default="step")
     # A CPU replica adds capacity only while it has a core of its own; beyond that, starting
@@ -233,13 +273,6 @@ def main() -> int:
     parser.add_argument("--max-replicas", type=int, default=max(2, min(4, os.cpu_count() or 2)))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    load = {"base_rps": args.base_rps, "max_tokens": args.max_tokens}
-    if args.trace == "bursty":
-        trace = Trace.bursty(count=3 if args.quick else 6, burst_s=15, gap_s=30, **load)
-    elif args.quick:
-        trace = Trace.step(idle_s=15, burst_s=45, tail_s=60, **load)
-    else:
-        trace = Trace.step(idle_s=30, burst_s=120, tail_s=240, **load)
     down = 20 if args.quick else 60
     spec = AutoscalingSpec(
         enabled=True,
@@ -286,6 +319,18 @@ def main() -> int:
                 ],
                 wait_for_applications_running=True,
             )
+
+            # The burst is sized to the replica this machine runs: beyond one replica, within
+            # what more could serve. A fixed rate would queue nothing on a fast machine.
+            if args.base_rps is None:
+                one = asyncio.run(capacity_rps(base, settings.max_num_seqs, args.max_tokens))
+                args.base_rps = args.burst_load * one / 10
+                print(
+                    f"one replica serves {one:.2f} requests/s of {args.max_tokens} tokens: "
+                    f"burst {10 * args.base_rps:.2f}/s ({args.burst_load}x), base {args.base_rps:.2f}/s",
+                    flush=True,
+                )
+            trace = make_trace(args)
 
             def deploy(n: int) -> None:
                 set_model_replicas("auto", n)
@@ -345,6 +390,7 @@ def main() -> int:
         else None,
         "ttft_p99_ratio_vs_ray": round(ours.ttft_p99(trace) / theirs.ttft_p99(trace), 3),
         "trace": trace.name,
+        "base_rps": round(trace.base_rps, 3),
         "plot": str(png),
     }
     if args.json:
