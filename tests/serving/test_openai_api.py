@@ -294,3 +294,31 @@ def test_metrics_page(serving):
     assert 'modelfleet_replicas_ready{model_deployment="main",namespace="default"} 1.0' in text
     assert 'modelfleet_queue_depth{model_deployment="main",namespace="default",replica=' in text
     assert "modelfleet_inter_token_latency_seconds_bucket" in text
+
+
+def test_a_stream_sends_its_opening_with_the_first_token_and_its_closing_with_the_last(serving):
+    """Every message of a stream crosses Serve's model replica, ingress and proxy, so the
+    replica sends the chat role with the first token and the usage and [DONE] with the last
+    chunk, rather than each on its own."""
+    from modelfleet.serving.protocol import ChatCompletionRequest
+
+    request = ChatCompletionRequest(
+        model="tiny",
+        messages=CHAT,
+        max_tokens=6,
+        stream=True,
+        ignore_eos=True,
+        stream_options={"include_usage": True},
+    )
+    handle = serving.main.handle().options(stream=True)
+    firsts = []
+    for _ in range(3):  # the opening waits 50 ms for the first token: allow a slow start or two
+        messages = list(handle.stream.remote("chat", request))
+        last = messages[-1]
+        assert '"finish_reason":"length"' in last and '"completion_tokens":6' in last
+        assert last.endswith("data: [DONE]\n\n") and "[DONE]" not in "".join(messages[:-1])
+        assert len(messages) <= 6, messages  # at most one per token, the opening and closing ride along
+        firsts.append(messages[0])
+        if messages[0].count("data: ") >= 2:
+            break
+    assert any('"role":"assistant"' in m and m.count("data: ") >= 2 for m in firsts), firsts
