@@ -150,7 +150,7 @@ class ModelReplica:
         batches = run.batches(self._hold)
         first = asyncio.ensure_future(anext(batches, None))
         opening = writer.opening()
-        closing: Callable[[], str] | None = writer.closing
+        closed = False
         try:
             # Each message costs a hop through Serve's ingress and proxy, so the stream's fixed
             # parts ride on its tokens: the opening on the first token when that comes within
@@ -166,8 +166,9 @@ class ModelReplica:
                     writer.delta_chunk(d.index, d.text, d.logprobs, d.finish_reason) for d in batch
                 )
                 opening = ""
-                if run.remaining == 0:
-                    chunk, closing = chunk + closing(), None
+                if run.remaining == 0:  # every choice has finished
+                    chunk += writer.closing()
+                    closed = True
                 yield chunk
                 batch = await anext(batches, None)
         except errors.APIError as err:
@@ -178,8 +179,8 @@ class ModelReplica:
         finally:
             first.cancel()  # a no-op once it is done
             await run.close()
-        if closing is not None:
-            yield opening + closing()
+        if not closed:  # a last output always comes with its choice's end: this is a guard
+            yield opening + writer.closing()
 
     def _hold(self) -> float:
         return stream_hold(self.settings, self.admission.running)
