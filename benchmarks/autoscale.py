@@ -11,7 +11,14 @@ Traces: `step` (idle, one 10x burst, idle) and `bursty` (10x bursts of 15 s, 30 
 burst's rate is `--burst-load` times what one replica serves, measured before the runs, so the
 burst needs more replicas on any machine (or set `--base-rps`).
 
-    python benchmarks/autoscale.py [--quick] [--json] [--trace step|bursty] [--burst-load 1.5] [--out DIR]
+On a CPU-only machine a second replica shares the cores of the first: it takes capacity as it
+starts instead of adding it. `--emulated-step-ms N` makes every engine step last at least N ms,
+asleep for the rest, as a device's step would: each replica then brings capacity of its own
+and leaves the cores to the serving path, as replicas on GPU nodes do. The tokens, the serving
+path, Prometheus and both autoscalers stay real.
+
+    python benchmarks/autoscale.py [--quick] [--json] [--trace step|bursty] [--burst-load 1.5]
+        [--emulated-step-ms 25] [--max-replicas N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -78,10 +86,15 @@ class Result:
     decision_t: float | None = None
     serving_t: float | None = None
     queue_rise_t: float | None = None
+    wall0: float = 0.0  # Unix time of t = 0, to ask Prometheus about the run afterwards
+    metrics_unavailable_ticks: int = 0  # autoscaler rounds that got no queue depth
 
-    def replica_seconds(self) -> float:
+    def replica_seconds(self, until: float) -> float:
+        """Up to `until`, the same for both runs: a run whose last request finished earlier
+        is charged for the replicas it still had until then."""
         total = 0.0
-        for (t0, n), (t1, _) in zip(self.replicas, self.replicas[1:], strict=False):
+        points = [*self.replicas, (max(until, self.replicas[-1][0]), 0)]
+        for (t0, n), (t1, _) in itertools.pairwise(points):
             total += n * (t1 - t0)
         return total
 
@@ -161,6 +174,7 @@ def run_one(
     result = Result(name)
     stop = threading.Event()
     t0 = time.monotonic() + 1.0
+    result.wall0 = time.time() + 1.0
     scaler = None
     if ours:
         scaler = LocalAutoscaler(
@@ -206,13 +220,45 @@ def run_one(
     if scaler is not None:
         scaler.stop()
         # The policy's own decision time is exact; the sampler only sees its effect.
+        result.metrics_unavailable_ticks = sum(p.decision == "MetricsUnavailable" for p in scaler.timeline)
         ups = [p for p in scaler.timeline if p.decision == "ScaleUp"]
         if ups:
             result.decision_t = ups[0].t - (t0 - scaler.started)
     return result
 
 
-def plot(results: list[Result], trace: Trace, out: Path) -> Path:
+def scrape_report(prom: PrometheusServer, result: Result, total_s: float) -> list[str]:
+    """Where the queue-depth series was missing during a run, and what the scrapes did then:
+    a stretch without it is blind time for any autoscaler that reads it."""
+    start, end = result.wall0, result.wall0 + total_s
+    job = 'job="modelfleet"'
+    raw_up = prom.query(f"up{{{job}}}[{int(total_s) + 1}s]", at=end)
+    raw_dur = prom.query(f"scrape_duration_seconds{{{job}}}[{int(total_s) + 1}s]", at=end)
+    ups = [(float(t) - start, float(v)) for t, v in raw_up[0]["values"]] if raw_up else []
+    durations = sorted(float(v) for _, v in raw_dur[0]["values"]) if raw_dur else []
+    present = prom.query_range('count(modelfleet_queue_depth{model_deployment="auto"})', start, end, 1.0)
+    seen = {round(float(t) - start) for t, _ in present[0]["values"]} if present else set()
+    lines = [
+        f"scrapes: {len(ups)}, failed {sum(v == 0 for _, v in ups)}, duration p50 "
+        + (f"{durations[len(durations) // 2]:.3f} s, max {durations[-1]:.3f} s" if durations else "-")
+    ]
+    gap: int | None = None
+    for second in range(int(total_s) + 1):
+        if second not in seen and gap is None:
+            gap = second
+        elif second in seen and gap is not None:
+            failed = sum(v == 0 for t, v in ups if gap <= t < second)
+            total = sum(gap <= t < second for t, _ in ups)
+            lines.append(
+                f"no queue-depth series from {gap} s to {second} s: {failed} of {total} scrapes failed there"
+            )
+            gap = None
+    if gap is not None:
+        lines.append(f"no queue-depth series from {gap} s to the end")
+    return lines
+
+
+def plot(results: list[Result], trace: Trace, out: Path, emulated_ms: float) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,9 +277,12 @@ def plot(results: list[Result], trace: Trace, out: Path) -> Path:
     axes[1].set_ylabel("running replicas")
     axes[2].set_ylabel("TTFT (s)")
     axes[2].set_xlabel("seconds (shaded: 10x burst)")
-    fig.suptitle(f"modelfleet autoscaler vs Ray Serve autoscaler defaults: {trace.name} trace, tiny model")
+    device = f", emulated {emulated_ms:g} ms steps" if emulated_ms else ""
+    fig.suptitle(
+        f"modelfleet autoscaler vs Ray Serve autoscaler defaults: {trace.name} trace, tiny model{device}"
+    )
     fig.tight_layout()
-    suffix = "" if trace.name == "step" else f"_{trace.name}"
+    suffix = ("" if trace.name == "step" else f"_{trace.name}") + ("_emulated" if emulated_ms else "")
     path = out / f"autoscale_timeline{suffix}.png"
     fig.savefig(path, dpi=110)
     return path
@@ -270,8 +319,17 @@ def main() -> int:
     parser.add_argument("--trace", choices=("step", "bursty"), default="step")
     # A CPU replica adds capacity only while it has a core of its own; beyond that, starting
     # one (a Ray worker, imports, the model load) takes CPU from the replicas already serving.
-    parser.add_argument("--max-replicas", type=int, default=max(2, min(4, os.cpu_count() or 2)))
+    # With emulated steps a replica needs little CPU, and more of them add capacity.
+    parser.add_argument("--max-replicas", type=int, help="default: 4 with --emulated-step-ms, else the cores")
+    parser.add_argument(
+        "--emulated-step-ms",
+        type=float,
+        default=0.0,
+        help="every engine step lasts at least this long (a device's step time); 0: CPU steps as they are",
+    )
     args = parser.parse_args()
+    if args.max_replicas is None:
+        args.max_replicas = 4 if args.emulated_step_ms else max(2, min(4, os.cpu_count() or 2))
     args.out.mkdir(parents=True, exist_ok=True)
     down = 20 if args.quick else 60
     spec = AutoscalingSpec(
@@ -302,7 +360,9 @@ def main() -> int:
         max_queue_depth=512,
         device="cpu",
         replicas=1,
+        emulated_step_s=args.emulated_step_ms / 1000,
     )
+    quiet = {"log_level": "WARNING"}  # no access log line per request
     results = []
     try:
         with PrometheusServer(
@@ -315,6 +375,7 @@ def main() -> int:
                         name="auto",
                         route_prefix="/auto",
                         external_scaler_enabled=True,
+                        logging_config=quiet,
                     )
                 ],
                 wait_for_applications_running=True,
@@ -348,14 +409,21 @@ def main() -> int:
                 ),
                 name="auto",
                 route_prefix="/auto",
+                logging_config=quiet,
             )
             results.append(run_one("ray-serve-default", base, None, prom, trace, spec, ours=False))
+            for r in results:
+                for line in scrape_report(prom, r, trace.total_s):
+                    print(f"[{r.name}] {line}", flush=True)
+            print(f"[modelfleet] autoscaler rounds without metrics: {results[0].metrics_unavailable_ticks}")
     finally:
         serve.shutdown()
         ray.shutdown()
 
     ours, theirs = results
-    png = plot(results, trace, args.out)
+    # Each run samples until its last request is done; replica-seconds count to the later end.
+    horizon = max(ours.replicas[-1][0], theirs.replicas[-1][0])
+    png = plot(results, trace, args.out, args.emulated_step_ms)
     print()
     print(f"{'':32} {'modelfleet':>12} {'ray default':>12}")
 
@@ -377,20 +445,22 @@ def main() -> int:
         since_rise(theirs, theirs.serving_t),
     )
     row("TTFT p99 in burst (s)", ours.ttft_p99(trace), theirs.ttft_p99(trace), "{:12.2f}")
-    row("replica-seconds", ours.replica_seconds(), theirs.replica_seconds())
+    row(f"replica-seconds to {horizon:.0f} s", ours.replica_seconds(horizon), theirs.replica_seconds(horizon))
     row("failed requests", len(ours.failures), len(theirs.failures), "{:12d}")
+    row("replicas at the trace's end", ours.replicas[-1][1], theirs.replicas[-1][1], "{:12d}")
     print(f"timeline: {png}")
     reaction = since_rise(ours, ours.decision_t)
+    spent = (ours.replica_seconds(horizon), theirs.replica_seconds(horizon))
     summary = {
         "reaction_s": round(reaction, 2) if reaction is not None else None,
         "failed_requests": len(ours.failures),
         "ray_failed_requests": len(theirs.failures),
-        "replica_seconds_ratio_vs_ray": round(ours.replica_seconds() / theirs.replica_seconds(), 3)
-        if theirs.replica_seconds()
-        else None,
+        "replica_seconds_ratio_vs_ray": round(spent[0] / spent[1], 3) if spent[1] else None,
         "ttft_p99_ratio_vs_ray": round(ours.ttft_p99(trace) / theirs.ttft_p99(trace), 3),
         "trace": trace.name,
         "base_rps": round(trace.base_rps, 3),
+        "emulated_step_ms": args.emulated_step_ms,
+        "max_replicas": args.max_replicas,
         "plot": str(png),
     }
     if args.json:

@@ -112,8 +112,17 @@ class PrometheusServer:
                 self.proc.kill()
                 self.proc.wait(5)
 
-    def query(self, promql: str) -> list[dict[str, Any]]:
-        resp = httpx.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=5)
+    def query(self, promql: str, at: float | None = None) -> list[dict[str, Any]]:
+        """An instant query, now or at Unix time `at`."""
+        params: dict[str, Any] = {"query": promql} if at is None else {"query": promql, "time": at}
+        resp = httpx.get(f"{self.url}/api/v1/query", params=params, timeout=5)
+        resp.raise_for_status()
+        return resp.json()["data"]["result"]
+
+    def query_range(self, promql: str, start: float, end: float, step: float = 1.0) -> list[dict[str, Any]]:
+        """`start` and `end` are Unix times; each series' `values` are (time, value) pairs."""
+        params = {"query": promql, "start": start, "end": end, "step": step}
+        resp = httpx.get(f"{self.url}/api/v1/query_range", params=params, timeout=30)
         resp.raise_for_status()
         return resp.json()["data"]["result"]
 

@@ -43,6 +43,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds requests that carry no seed of their own
     load_format: str = "auto"  # "dummy": random weights of the checkpoint's shape (benchmarks)
+    # Every model step lasts at least this long: the rest of it is spent asleep. It stands in
+    # for a device whose step takes a fixed time and leaves the host's cores free, so that
+    # serving and autoscaling can be measured on a CPU-only machine as they behave on GPU nodes.
+    emulated_step_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -77,6 +81,10 @@ class EngineConfig:
             raise InvalidConfig("worker_backend", f"must be mp or ray, got {self.worker_backend!r}")
         if self.load_format not in ("auto", "dummy"):
             raise InvalidConfig("load_format", f"must be auto or dummy, got {self.load_format!r}")
+        if not 0.0 <= float(self.emulated_step_s) <= 10.0:
+            raise InvalidConfig(
+                "emulated_step_s", f"must be in [0, 10] seconds, got {self.emulated_step_s!r}"
+            )
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise InvalidConfig("max_num_batched_tokens", "must be >= 1")
 

@@ -98,6 +98,8 @@ class LLMEngine(EngineFrontend):
             if self.workers is not None:
                 self.workers.join(timeout=5)
             raise
+        if config.emulated_step_s:
+            log.warning("every step lasts at least %.3fs (emulated device step time)", config.emulated_step_s)
         log.info("engine ready: %s on %s (%s, tp=%d) in %.1fs, %d KV blocks of %d tokens",
                  path.name, device, str(dtype), config.tensor_parallel_size,
                  time.monotonic() - started, num_blocks - 1, config.block_size)
@@ -167,6 +169,7 @@ class LLMEngine(EngineFrontend):
         return []
 
     def _step(self) -> list[tuple[_Request, RequestOutput]]:
+        started = time.monotonic()
         with self._lock:
             self._drain_control()
             if not self.scheduler.has_work():
@@ -179,7 +182,10 @@ class LLMEngine(EngineFrontend):
             step = self._step_input(seqs, is_prefill)
             logits = self.runner.call("run", step)
             result = sample(logits, seqs, self._generator)
-            return self._postprocess(seqs, result, is_prefill)
+            outputs = self._postprocess(seqs, result, is_prefill)
+        if self.config.emulated_step_s:  # outside the lock: submit and abort go on meanwhile
+            time.sleep(max(0.0, started + self.config.emulated_step_s - time.monotonic()))
+        return outputs
 
     def _step_input(self, seqs: list[Sequence], is_prefill: bool) -> StepInput:
         ids: list[int] = []

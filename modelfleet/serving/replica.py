@@ -88,6 +88,7 @@ class ModelReplica:
             block_size=s.block_size,
             device=s.device,
             worker_backend="ray" if s.tensor_parallel_size > 1 else "mp",
+            emulated_step_s=s.emulated_step_s,
         )
         # Loading is synchronous (weights, workers); keep the replica's loop free meanwhile.
         # With one rank the engine steps in a process of its own, so its step loop and this

@@ -79,6 +79,9 @@ class ServeSettings:
     engine_process: bool = True
     """With tensor_parallel_size 1, the engine steps in a child process of the replica rather
     than on a thread of it (no GIL shared with the replica's event loop)."""
+    emulated_step_s: float = 0.0
+    """Benchmarks on a CPU-only machine: every engine step lasts at least this long, asleep
+    for the rest, like a device whose step time is fixed (see EngineConfig)."""
     health_check_period_s: float = 2.0
     enable_fault_injection: bool = False
     """Adds a handle method that breaks the engine; for recovery tests only."""

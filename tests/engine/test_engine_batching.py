@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 
 from modelfleet.engine import EngineConfig, LLMEngine, SamplingParams
+from modelfleet.engine.errors import InvalidConfig
 
 
 def prompts(n: int = 16, seed: int = 0) -> list[list[int]]:
@@ -88,3 +90,25 @@ async def test_generated_blocks_are_cached_for_the_next_turn():
     again = engine.generate_batch([follow_up], greedy(4))[0]
     assert again.num_cached_tokens == 48  # 3 full blocks of prompt + generated tokens
     engine.close()
+
+
+def test_an_emulated_step_time_paces_steps_and_changes_no_output(alone):
+    """The floor stands in for a device's fixed step time; the tokens stay the engine's own."""
+    floor = 0.05
+    engine = LLMEngine(EngineConfig(max_num_seqs=1, device="cpu", num_kv_blocks=64, emulated_step_s=floor))
+    try:
+        started = time.monotonic()
+        got = engine.generate_batch([prompts()[0]], greedy(LENGTHS[0]))[0].token_ids
+        elapsed = time.monotonic() - started
+    finally:
+        engine.close()
+    assert got == alone[0]
+    # One prefill step and a decode step per further token, each asleep up to the floor: a
+    # lower bound that sleeping guarantees, not a speed.
+    assert elapsed >= LENGTHS[0] * floor
+
+
+@pytest.mark.parametrize("bad", [-0.1, 11.0])
+def test_an_emulated_step_time_out_of_range_names_the_field(bad):
+    with pytest.raises(InvalidConfig, match="emulated_step_s"):
+        EngineConfig(emulated_step_s=bad)
