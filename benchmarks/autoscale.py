@@ -4,8 +4,9 @@ One local Ray + Serve, the tiny model, a real Prometheus scraping the applicatio
 The same trace is replayed twice: once with modelfleet's autoscaler
 setting the replica count, once with Ray Serve's built-in autoscaler at its default delays
 (`target_ongoing_requests`, 30 s up, 600 s down). For each: reaction time (queue above target
--> decision -> a new replica running), TTFT p99 during the burst, replica-seconds over the
-trace, failed requests. The timeline (queue depth, replicas, TTFT) is plotted to PNG.
+-> decision -> a new replica running), TTFT p99 during the burst, replica-seconds (both runs
+counted to the same end: the later run's last finished request), failed requests. The
+timeline (queue depth, replicas, TTFT) is plotted to PNG.
 
 Traces: `step` (idle, one 10x burst, idle) and `bursty` (10x bursts of 15 s, 30 s apart). The
 burst's rate is `--burst-load` times what one replica serves, measured before the runs, so the
