@@ -424,6 +424,7 @@ def main() -> int:
     ours, theirs = results
     # Each run samples until its last request is done; replica-seconds count to the later end.
     horizon = max(ours.replicas[-1][0], theirs.replicas[-1][0])
+    spent = (ours.replica_seconds(horizon), theirs.replica_seconds(horizon))
     png = plot(results, trace, args.out, args.emulated_step_ms)
     print()
     print(f"{'':32} {'modelfleet':>12} {'ray default':>12}")
@@ -446,12 +447,11 @@ def main() -> int:
         since_rise(theirs, theirs.serving_t),
     )
     row("TTFT p99 in burst (s)", ours.ttft_p99(trace), theirs.ttft_p99(trace), "{:12.2f}")
-    row(f"replica-seconds to {horizon:.0f} s", ours.replica_seconds(horizon), theirs.replica_seconds(horizon))
+    row(f"replica-seconds to {horizon:.0f} s", *spent)
     row("failed requests", len(ours.failures), len(theirs.failures), "{:12d}")
     row("replicas at the trace's end", ours.replicas[-1][1], theirs.replicas[-1][1], "{:12d}")
     print(f"timeline: {png}")
     reaction = since_rise(ours, ours.decision_t)
-    spent = (ours.replica_seconds(horizon), theirs.replica_seconds(horizon))
     summary = {
         "reaction_s": round(reaction, 2) if reaction is not None else None,
         "failed_requests": len(ours.failures),
