@@ -107,7 +107,8 @@ class EngineSpec(_Spec):
         default=128,
         ge=1,
         le=100000,
-        description="Requests a replica holds waiting before it answers 429 with Retry-After.",
+        description="Waiting requests per ready replica the deployment holds before it answers 429 "
+        "with Retry-After.",
     )
 
 

@@ -46,12 +46,12 @@ def model_options(settings: ServeSettings, gpu: bool) -> dict[str, Any]:
     return {
         "name": MODEL_DEPLOYMENT,
         "num_replicas": settings.replicas,
-        # The replica's own admission check (max_queue_depth waiting) is the real bound;
-        # Serve's per-replica limit sits above it so that the replica, which counts its
-        # queue, is the one that answers 429. Only when every replica is at that limit do
-        # requests wait in Serve's router, at most `max_queue_depth` of them, then 429.
-        "max_ongoing_requests": settings.max_num_seqs + 2 * settings.max_queue_depth,
-        "max_queued_requests": settings.max_queue_depth,
+        # A replica takes its sequence slots and a few more; a backlog waits in Serve's
+        # router, where the first replica with room (a new one included) takes the oldest
+        # request. The ingress bounds that backlog (`max_queue_depth` per ready replica)
+        # and answers 429 beyond it, so Serve's own bound is off.
+        "max_ongoing_requests": settings.max_num_seqs + settings.replica_waiting_limit,
+        "max_queued_requests": -1,
         "health_check_period_s": settings.health_check_period_s,
         "health_check_timeout_s": 30.0,
         "graceful_shutdown_timeout_s": 10.0,

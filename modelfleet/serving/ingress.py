@@ -43,6 +43,23 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-1] if text else ''}"
 
 
+async def _assigned(response: Any) -> None:
+    """Until Serve's router has handed `response`'s call to a replica that took it.
+
+    The handle's future for it is not public API. Where a Ray version lacks it, calls show as
+    held for no time, so a backlog in the router is invisible to the autoscaler: said once."""
+    global _warned_unassigned
+    fetch = getattr(response, "_fetch_future_result_async", None)
+    if fetch is not None:
+        await fetch()
+    elif not _warned_unassigned:
+        _warned_unassigned = True
+        log.warning("this Ray Serve has no assignment future: requests in its router are not counted")
+
+
+_warned_unassigned = False
+
+
 @serve.ingress(api)
 class OpenAIIngress:
     async def __init__(self, settings: dict[str, Any], model: Any, hub: Any):
@@ -112,13 +129,12 @@ class OpenAIIngress:
             req = parse_request(model, await _json_body(request))
             if req.model != self.settings.served_name:
                 raise errors.model_not_found(req.model)
-            self.metrics.waiting.inc()
-            try:
-                if req.stream:
-                    return await self._stream(kind, req)
-                body = await self._no_replica_timeout(self.model.complete.remote(kind, req))
-            finally:
-                self.metrics.waiting.dec()
+            self._check_room()
+            if req.stream:
+                return await self._stream(kind, req)
+            response = self.model.complete.remote(kind, req)
+            await self._taken(response)
+            body = await response
         except APIError as err:
             return self._error(err)
         except BackPressureError:
@@ -131,9 +147,10 @@ class OpenAIIngress:
 
     async def _stream(self, kind: str, req: Any) -> Response:
         gen = self.model_stream.stream.remote(kind, req)
+        await self._taken(gen)
         try:
             # Admission: errors still get their status code.
-            first = await self._no_replica_timeout(gen.__anext__())
+            first = await gen.__anext__()
         except BaseException:
             gen.cancel()
             raise
@@ -164,14 +181,33 @@ class OpenAIIngress:
                 gen.cancel()  # the client went away: stop generating, free the KV blocks
             self.metrics.count(status)
 
-    async def _no_replica_timeout(self, pending: Any) -> Any:
-        """Await a replica's answer; give up with a 503 once no replica has been ready for the
-        cold-start timeout.
+    def _check_room(self) -> None:
+        """429 once the requests no replica has taken reach `max_queue_depth` per ready replica
+        (none ready counts as one): the deployment's queue is bounded, not each replica's."""
+        limit = self.settings.max_queue_depth * max(1, self._ready)
+        if self.metrics.held >= limit:
+            raise errors.queue_full(self.metrics.held)
 
-        With no replica (scaled to zero, or all loading) Serve's router holds the request until
-        one appears. Held requests show in `modelfleet_ingress_waiting_requests`, the signal
-        the autoscaler scales from zero on; the timeout bounds how long a client waits.
+    async def _taken(self, response: Any) -> None:
+        """Wait until a model replica has taken the call, counting it as held meanwhile.
+
+        Serve's router keeps a call until some replica has room (none may be ready: scaled to
+        zero, or all loading). Held calls are in `modelfleet_queue_depth` (the ingress'
+        series) and `modelfleet_ingress_waiting_requests`, the autoscaler's signal, from zero
+        too; past the cold-start timeout with no replica ready the call gets a 503.
         """
+        self.metrics.hold()
+        try:
+            await self._no_replica_timeout(_assigned(response))
+        except BaseException:
+            response.cancel()
+            raise
+        finally:
+            self.metrics.release()
+
+    async def _no_replica_timeout(self, pending: Any) -> Any:
+        """Await `pending`; give up with a 503 once no replica has been ready for the
+        cold-start timeout."""
         task = asyncio.ensure_future(pending)
         unready_since: float | None = None
         try:

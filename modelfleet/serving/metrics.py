@@ -39,6 +39,12 @@ METRIC_NAMES = (
 )
 
 
+QUEUE_DEPTH_HELP = (
+    "Waiting requests. A model replica's: accepted, no token yet. The ingress': not yet taken "
+    "by any replica. Their sum is the deployment's queue."
+)
+
+
 class ReplicaMetrics:
     """The metrics one model replica owns."""
 
@@ -50,13 +56,12 @@ class ReplicaMetrics:
         def gauge(metric: str, doc: str) -> Gauge:
             return Gauge(metric, doc, LABELS, registry=r).labels(*labels)
 
-        self.queue_depth = gauge(
-            "modelfleet_queue_depth", "Requests accepted by the replica that have not produced a token yet."
-        )
+        self.queue_depth = gauge("modelfleet_queue_depth", QUEUE_DEPTH_HELP)
         self.running = gauge("modelfleet_running_requests", "Requests producing tokens.")
         self.kv_usage = gauge("modelfleet_kv_cache_usage_ratio", "Share of KV cache blocks in use (0..1).")
         self.max_queue_depth = gauge(
-            "modelfleet_max_queue_depth", "Waiting requests a replica holds before it answers 429."
+            "modelfleet_max_queue_depth",
+            "Waiting requests per ready replica the deployment holds before it answers 429.",
         )
         self.prompt_tokens = Counter(
             "modelfleet_prompt_tokens", "Prompt tokens processed.", LABELS, registry=r
@@ -103,13 +108,29 @@ class IngressMetrics:
             registry=self.registry,
         )
 
-        self.waiting = Gauge(
+        self.held = 0
+        self._held = Gauge(
             "modelfleet_ingress_waiting_requests",
-            "Requests at the ingress with no first byte from a model replica yet: held while no "
-            "replica is ready, queued, or in prefill. The signal to scale from zero.",
+            "Requests at the ingress that no model replica has taken yet: every one while no "
+            "replica is ready (the signal to scale from zero), else those beyond the replicas' room.",
             LABELS,
             registry=self.registry,
         ).labels(*self._labels)
+        # The same count under the queue's own name, so that any sum of modelfleet_queue_depth
+        # over a deployment is its whole queue.
+        queue = Gauge("modelfleet_queue_depth", QUEUE_DEPTH_HELP, LABELS, registry=self.registry)
+        self._queue = queue.labels(*self._labels)
+
+    def hold(self) -> None:
+        self._set_held(self.held + 1)
+
+    def release(self) -> None:
+        self._set_held(self.held - 1)
+
+    def _set_held(self, n: int) -> None:
+        self.held = n
+        self._held.set(n)
+        self._queue.set(n)
 
     def count(self, status: int) -> None:
         self._requests.labels(*self._labels, str(status)).inc()

@@ -3,14 +3,15 @@ its own whose step outputs reach the replica's event loop down a pipe; with more
 a thread of the replica), admits requests against a bounded queue, and turns engine deltas
 into OpenAI responses.
 
-Where requests wait: at the replica. Every request a replica accepts goes straight to
-its engine, whose scheduler holds it until a sequence slot and KV blocks are free; it
-counts as waiting from acceptance until its first token. When `max_queue_depth` requests
-are already waiting, the replica answers 429 with Retry-After at once instead of piling
-up more. Serve's own per-replica limit (`max_ongoing_requests`) is set above
-`max_num_seqs + max_queue_depth`, so it is this check, not Serve's router queue, that
-bounds the wait, and the queue-depth metric (the autoscaler's signal) sees every waiting
-request.
+Where requests wait: mostly in Serve's router, not here. A replica takes at most
+`max_num_seqs + replica_waiting_limit` requests (Serve's `max_ongoing_requests`): its
+sequence slots and a few more, so that a slot freed mid-batch is refilled at the next step.
+Every request it takes goes straight to its engine, whose scheduler holds it until a slot
+and KV blocks are free; it counts as waiting from acceptance until its first token. The
+rest of a backlog waits at the ingress, unassigned, until some replica has room; a replica
+that has just started takes from it at once instead of serving only new arrivals while the
+old ones wait behind a busy replica. The ingress counts those requests in the same
+queue-depth metric and answers 429 when they reach `max_queue_depth` per ready replica.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class ModelReplica:
         self.replica_id = _replica_id()
         self.metrics = ReplicaMetrics(s.name, s.namespace, self.replica_id)
         self.metrics.max_queue_depth.set(s.max_queue_depth)
-        self.admission = Admission(s.max_queue_depth)
+        # Serve routes no more than this here; the check guards calls made past the router.
+        self.admission = Admission(s.max_num_seqs + s.replica_waiting_limit)
         self.fault: str | None = None
         cfg = EngineConfig(
             model=s.model,

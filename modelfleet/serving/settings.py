@@ -58,7 +58,8 @@ class ServeSettings:
     num_kv_blocks: int | None = None
     block_size: int = 16
     max_queue_depth: int = 128
-    """Requests accepted by a replica but not yet producing tokens, before it answers 429."""
+    """Waiting requests per ready replica (none ready counts as one) that the deployment holds
+    before the ingress answers 429."""
     replicas: int = 1
     device: str = "auto"
     """auto | cpu | cuda: `auto` uses GPUs when Ray has them."""
@@ -98,6 +99,15 @@ class ServeSettings:
             raise ValueError(f"stream_chunks_per_s must be > 0, got {self.stream_chunks_per_s}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    @property
+    def replica_waiting_limit(self) -> int:
+        """Requests a replica takes beyond its `max_num_seqs` sequence slots: enough that a slot
+        freed mid-batch is refilled at the next step, few enough that a backlog stays with
+        Serve's router, where whichever replica frees a slot first (one that just started
+        included) takes the oldest request. A quarter of the slots, at least one, at most
+        `max_queue_depth`."""
+        return max(1, min(self.max_queue_depth, -(-self.max_num_seqs // 4)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -43,6 +43,9 @@ def auto_app(serving: Serving) -> Iterator[tuple[str, object]]:
         max_queue_depth=64,
         device="cpu",
         replicas=1,
+        # Steps of at least 30 ms, as on a device: a replica adds capacity of its own instead
+        # of sharing two cores, and a burst outlasts the start of the replicas it calls for.
+        emulated_step_s=0.03,
     )
     base = serving.main.base.rsplit("/", 1)[0]
 
@@ -100,6 +103,12 @@ def test_burst_scales_up_then_steps_down_without_failures(auto_app, tmp_path):
             started = time.monotonic()
             failures = asyncio.run(stream_burst(base, "auto", count=24, max_tokens=96))
             assert failures == [], failures[:3]
+            # The burst arrived at once, before any new replica was up. The backlog waited
+            # unassigned, so the replicas that came up served part of it.
+            tokens = 'modelfleet_generation_tokens_total{model_deployment="auto"}'
+            served = f"count(max_over_time({tokens}[10m]) > 0)"
+            seen = [(round(p.t, 1), p.queue, p.replicas, p.decision) for p in scaler.timeline]
+            eventually(lambda: prom.query(served) and float(prom.query(served)[0]["value"][1]) >= 2, 10)
             ups = [p for p in scaler.timeline if p.decision == "ScaleUp"]
             seen = [(round(p.t, 1), p.queue, p.replicas, p.decision) for p in scaler.timeline]
             assert ups, f"timeline {seen}; errors {scaler.errors[-3:]}"

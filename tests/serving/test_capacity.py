@@ -1,6 +1,7 @@
-"""The `small` app has one sequence slot and a queue of one: a full queue answers 429, a
-cancelled stream gives its slot back, and an engine fault (injected, or the engine's process
-killed) fails what is in flight, after which Serve replaces the replica."""
+"""The `small` app has one sequence slot, takes one request more, and holds a queue of one at
+the ingress: a full queue answers 429, a cancelled stream gives its slot back, and an engine
+fault (injected, or the engine's process killed) fails what is in flight, after which Serve
+replaces the replica."""
 
 from __future__ import annotations
 
@@ -53,13 +54,34 @@ def _idle(app) -> dict | None:
     return st if st["waiting"] == 0 and st["running"] == 0 and st["engine_running"] == 0 else None
 
 
+def gauge(page: str, metric: str) -> dict[str, float]:
+    """One gauge's value per `replica` label on a metrics page."""
+    out = {}
+    for line in page.splitlines():
+        if line.startswith(metric + "{"):
+            labels, value = line.rsplit(" ", 1)
+            out[labels.split('replica="', 1)[1].split('"', 1)[0]] = float(value)
+    return out
+
+
+def queue(app) -> tuple[float, float]:
+    """(waiting at the replicas, held at the ingress) as the metrics page says."""
+    page = app.metrics()
+    held = gauge(page, "modelfleet_ingress_waiting_requests")
+    depth = gauge(page, "modelfleet_queue_depth")
+    return sum(v for k, v in depth.items() if k not in held), sum(held.values())
+
+
 def test_full_queue_answers_429_then_service_resumes(serving):
     app = serving.small
     url = f"{app.v1}/completions"
     running = Stream(url, LONG)
     assert running.first.wait(60) and running.status == 200
-    waiting = Stream(url, {**LONG, "max_tokens": 4})  # no slot free: it waits at the replica
-    eventually(lambda: app.stats()["waiting"] == 1, 30)
+    waiting = Stream(url, {**LONG, "max_tokens": 4})  # no slot free: the replica takes it, waiting
+    eventually(lambda: queue(app) == (1.0, 0.0), 30)
+    held = Stream(url, {**LONG, "max_tokens": 4})  # the replica is full: the ingress holds it
+    eventually(lambda: queue(app) == (1.0, 1.0), 30)
+    assert held.status is None  # no response yet: it has no status until a replica takes it
     resp = httpx.post(url, json={"model": "small", "prompt": "Hi", "max_tokens": 4}, timeout=30)
     assert resp.status_code == 429, resp.text
     assert resp.headers["retry-after"] == "1"
@@ -72,10 +94,12 @@ def test_full_queue_answers_429_then_service_resumes(serving):
     except openai.RateLimitError:
         pass
     running.close()
-    waiting.first.wait(60)
-    waiting._thread.join(60)
-    assert waiting.status == 200
+    for stream in (waiting, held):
+        stream.first.wait(60)
+        stream._thread.join(60)
+        assert stream.status == 200 and stream.data[-1] == "[DONE]"
     eventually(lambda: _idle(app), 60)
+    eventually(lambda: queue(app) == (0.0, 0.0), 10)
     out = app.client().completions.create(model="small", prompt="Hi", max_tokens=4)
     assert out.choices[0].text is not None
     eventually(lambda: 'status="429"' in app.metrics(), 30)

@@ -154,9 +154,21 @@ def test_model_options_bound_the_queue():
     s = ServeSettings(name="x", max_num_seqs=8, max_queue_depth=4, replicas=2, tensor_parallel_size=2)
     opts = model_options(s, gpu=True)
     assert opts["num_replicas"] == 2
-    assert opts["max_ongoing_requests"] > s.max_num_seqs + s.max_queue_depth
-    assert opts["max_queued_requests"] == 4
+    # A replica takes its slots and a quarter more; the backlog waits in Serve's router, where
+    # the ingress bounds it (Serve's own bound is off).
+    assert s.replica_waiting_limit == 2
+    assert opts["max_ongoing_requests"] == 10
+    assert opts["max_queued_requests"] == -1
     assert opts["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1.0}] * 2
+
+
+@pytest.mark.parametrize(
+    ("max_num_seqs", "max_queue_depth", "limit"),
+    [(1, 1, 1), (2, 128, 1), (8, 128, 2), (9, 128, 3), (256, 128, 64), (256, 16, 16)],
+)
+def test_a_replica_takes_a_quarter_of_its_slots_more(max_num_seqs, max_queue_depth, limit):
+    s = ServeSettings(name="x", max_num_seqs=max_num_seqs, max_queue_depth=max_queue_depth)
+    assert s.replica_waiting_limit == limit
 
 
 def test_scaling_changes_no_constructor_args():
@@ -180,9 +192,16 @@ def test_metrics_merge_keeps_one_series_per_replica():
     ing = IngressMetrics("tiny", "prod", "i1")
     ing.count(200)
     ing.count(429)
+    for _ in range(3):
+        ing.hold()
+    ing.release()
     store.push("i1", "ingress", ing.text())
     page = store.render()
     assert page.count("# TYPE modelfleet_queue_depth gauge") == 1
+    # What the ingress holds is in the queue too, under its own replica label.
+    labels = '{model_deployment="tiny",namespace="prod",replica="i1"} 2.0'
+    assert "modelfleet_queue_depth" + labels in page
+    assert "modelfleet_ingress_waiting_requests" + labels in page
     assert 'modelfleet_queue_depth{model_deployment="tiny",namespace="prod",replica="r1"} 3.0' in page
     assert 'modelfleet_queue_depth{model_deployment="tiny",namespace="prod",replica="r2"} 5.0' in page
     assert 'modelfleet_replicas_ready{model_deployment="tiny",namespace="prod"} 2.0' in page
