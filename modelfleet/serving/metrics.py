@@ -161,18 +161,23 @@ class MetricsStore:
     def drop(self, source: str) -> None:
         self._sources.pop(source, None)
 
-    def _fresh(self) -> dict[str, _Source]:
+    def _fresh(self) -> list[_Source]:
+        """The sources pushed within `stale_after_s`, as a list: a push may add one meanwhile."""
         now = time.monotonic()
-        for key in [k for k, s in self._sources.items() if now - s.seen > self.stale_after_s]:
-            del self._sources[key]
-        return self._sources
+        fresh = []
+        for key, src in list(self._sources.items()):
+            if now - src.seen > self.stale_after_s:
+                self._sources.pop(key, None)
+            else:
+                fresh.append(src)
+        return fresh
 
     def ready_replicas(self) -> int:
-        return sum(1 for s in self._fresh().values() if s.kind == "replica")
+        return sum(1 for s in self._fresh() if s.kind == "replica")
 
     def render(self) -> str:
         families: dict[str, Metric] = {}
-        for src in self._fresh().values():
+        for src in self._fresh():
             for fam in text_string_to_metric_families(src.text):
                 if fam.name.endswith("_created"):
                     continue  # creation timestamps of each series: noise on a merged page

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,48 @@ def test_stale_sources_are_dropped():
     store.push("r1", "replica", ReplicaMetrics("tiny", "default", "r1").text())
     assert store.ready_replicas() == 0
     assert 'modelfleet_replicas_ready{model_deployment="tiny",namespace="default"} 0.0' in store.render()
+
+
+def test_a_render_survives_pushes_from_other_threads():
+    """Serve may run a deployment's synchronous methods on a thread pool: sources that come and
+    go while a page is rendered must not fail the scrape."""
+    import threading
+
+    store = MetricsStore("tiny", "default")
+    text = ReplicaMetrics("tiny", "default", "r").text()
+    stop = threading.Event()
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            store.push(f"r{i % 8}", "replica", text)
+            if i % 3 == 0:
+                store.drop(f"r{(i + 4) % 8}")
+            i += 1
+            time.sleep(0)  # let the renders have the interpreter too
+
+    workers = [threading.Thread(target=churn) for _ in range(2)]
+    for w in workers:
+        w.start()
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            assert "modelfleet_replicas_ready" in store.render()
+            store.ready_replicas()
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+
+
+def test_hub_methods_run_on_its_event_loop():
+    """Coroutines, so Serve runs them one at a time instead of on its thread pool."""
+    import inspect
+
+    from modelfleet.serving.hub import MetricsHub
+
+    for name in ("push", "drop", "render", "ready_replicas"):
+        assert inspect.iscoroutinefunction(getattr(MetricsHub, name)), name
 
 
 # -- response framing --------------------------------------------------------------------------
