@@ -294,7 +294,9 @@ def make_trace(args: argparse.Namespace) -> Trace:
     if args.trace == "bursty":
         return Trace.bursty(count=3 if args.quick else 6, burst_s=15, gap_s=30, **load)
     if args.quick:
-        return Trace.step(idle_s=15, burst_s=45, tail_s=60, **load)
+        # The idle tail outlasts three of the quick down windows (20 s), so a run can come
+        # back to one replica inside the trace.
+        return Trace.step(idle_s=15, burst_s=45, tail_s=105, **load)
     return Trace.step(idle_s=30, burst_s=120, tail_s=240, **load)
 
 

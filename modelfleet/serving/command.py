@@ -43,7 +43,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="API port (default: spec.service.port, 8000)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
-    p.add_argument("--max-queue-depth", type=int, metavar="N", help="waiting requests per replica before 429")
+    p.add_argument(
+        "--max-queue-depth", type=int, metavar="N", help="waiting requests per ready replica before 429"
+    )
     p.add_argument(
         "--api-key-file",
         metavar="FILE",

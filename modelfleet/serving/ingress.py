@@ -134,7 +134,11 @@ class OpenAIIngress:
                 return await self._stream(kind, req)
             response = self.model.complete.remote(kind, req)
             await self._taken(response)
-            body = await response
+            try:
+                body = await response
+            except BaseException:
+                response.cancel()  # the client went away: free the replica's slot
+                raise
         except APIError as err:
             return self._error(err)
         except BackPressureError:
