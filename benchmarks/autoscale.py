@@ -19,7 +19,7 @@ and leaves the cores to the serving path, as replicas on GPU nodes do. The token
 path, Prometheus and both autoscalers stay real.
 
     python benchmarks/autoscale.py [--quick] [--json] [--trace step|bursty] [--burst-load 1.5]
-        [--emulated-step-ms 25] [--max-replicas N] [--out DIR]
+        [--emulated-step-ms 25] [--max-replicas N] [--target-queue-depth 2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -325,6 +325,12 @@ def main() -> int:
     # With emulated steps a replica needs little CPU, and more of them add capacity.
     parser.add_argument("--max-replicas", type=int, help="default: 4 with --emulated-step-ms, else the cores")
     parser.add_argument(
+        "--target-queue-depth",
+        type=float,
+        default=2.0,
+        help="modelfleet's targetQueueDepth (Ray's target_ongoing_requests stays at its default, 2)",
+    )
+    parser.add_argument(
         "--emulated-step-ms",
         type=float,
         default=0.0,
@@ -339,7 +345,7 @@ def main() -> int:
         enabled=True,
         min_replicas=1,
         max_replicas=args.max_replicas,
-        target_queue_depth=2,
+        target_queue_depth=args.target_queue_depth,
         scale_down_stabilization_seconds=down,
     )
 
@@ -464,6 +470,7 @@ def main() -> int:
         "base_rps": round(trace.base_rps, 3),
         "emulated_step_ms": args.emulated_step_ms,
         "max_replicas": args.max_replicas,
+        "target_queue_depth": args.target_queue_depth,
         "plot": str(png),
     }
     if args.json:
