@@ -50,7 +50,7 @@ def model_options(settings: ServeSettings, gpu: bool) -> dict[str, Any]:
         # router, where the first replica with room (a new one included) takes the oldest
         # request. The ingress bounds that backlog (`max_queue_depth` per ready replica)
         # and answers 429 beyond it, so Serve's own bound is off.
-        "max_ongoing_requests": settings.max_num_seqs + settings.replica_waiting_limit,
+        "max_ongoing_requests": settings.replica_capacity,
         "max_queued_requests": -1,
         "health_check_period_s": settings.health_check_period_s,
         "health_check_timeout_s": 30.0,

@@ -13,7 +13,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 
 from modelfleet.serving import errors
 from modelfleet.serving.errors import APIError
@@ -141,8 +140,6 @@ class OpenAIIngress:
                 raise
         except APIError as err:
             return self._error(err)
-        except BackPressureError:
-            return self._error(errors.queue_full(self.settings.max_queue_depth))
         except Exception as exc:
             log.exception("request failed")
             return self._error(errors.engine_fault(_describe(exc)))

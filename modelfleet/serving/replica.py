@@ -4,7 +4,7 @@ a thread of the replica), admits requests against a bounded queue, and turns eng
 into OpenAI responses.
 
 Where requests wait: mostly in Serve's router, not here. A replica takes at most
-`max_num_seqs + replica_waiting_limit` requests (Serve's `max_ongoing_requests`): its
+`replica_capacity` requests (Serve's `max_ongoing_requests`): its
 sequence slots and a few more, so that a slot freed mid-batch is refilled at the next step.
 Every request it takes goes straight to its engine, whose scheduler holds it until a slot
 and KV blocks are free; it counts as waiting from acceptance until its first token. The
@@ -77,7 +77,7 @@ class ModelReplica:
         self.metrics = ReplicaMetrics(s.name, s.namespace, self.replica_id)
         self.metrics.max_queue_depth.set(s.max_queue_depth)
         # Serve routes no more than this here; the check guards calls made past the router.
-        self.admission = Admission(s.max_num_seqs + s.replica_waiting_limit)
+        self.admission = Admission(s.replica_capacity)
         self.fault: str | None = None
         cfg = EngineConfig(
             model=s.model,

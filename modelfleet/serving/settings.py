@@ -109,6 +109,11 @@ class ServeSettings:
         `max_queue_depth`."""
         return max(1, min(self.max_queue_depth, -(-self.max_num_seqs // 4)))
 
+    @property
+    def replica_capacity(self) -> int:
+        """The most requests Serve routes to one replica (its `max_ongoing_requests`)."""
+        return self.max_num_seqs + self.replica_waiting_limit
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -107,7 +107,6 @@ def test_burst_scales_up_then_steps_down_without_failures(auto_app, tmp_path):
             # unassigned, so the replicas that came up served part of it.
             tokens = 'modelfleet_generation_tokens_total{model_deployment="auto"}'
             served = f"count(max_over_time({tokens}[10m]) > 0)"
-            seen = [(round(p.t, 1), p.queue, p.replicas, p.decision) for p in scaler.timeline]
             eventually(lambda: prom.query(served) and float(prom.query(served)[0]["value"][1]) >= 2, 10)
             ups = [p for p in scaler.timeline if p.decision == "ScaleUp"]
             seen = [(round(p.t, 1), p.queue, p.replicas, p.decision) for p in scaler.timeline]
