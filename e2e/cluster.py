@@ -36,7 +36,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from e2e import build, node, nodes, pki
+from e2e import build, node, nodes, oci, pki
 from e2e.waiting import eventually
 
 STATE_FILE = "cluster.json"
@@ -372,8 +372,9 @@ class Cluster:
         self.wait_ready("coredns", lambda: node.dns_query(
             net.node_ip, f"kubernetes.default.svc.{node.CLUSTER_DOMAIN}")[1] == [pki.KUBERNETES_SERVICE_IP])
 
-    def load_image(self, archive: Path) -> str:
-        """Import a Docker archive into the node's containerd (k8s.io namespace); return its tag.
+    def load_image(self, archive: Path | oci.DockerArchive) -> str:
+        """Import a Docker archive (a file, or streamed) into the node's containerd (k8s.io
+        namespace); return its tag.
 
         Nothing is ever pulled: pods must name the tag with imagePullPolicy IfNotPresent or
         Never (a `:latest` tag defaults to Always, and its pull fails at once).
@@ -381,7 +382,8 @@ class Cluster:
         if "node" not in self.read_state():
             raise ClusterError(f"the cluster in {self.dir} has no real node (start it with --node)")
         try:
-            return node.import_image(node.NodePaths(self.dir / "node").containerd_sock, Path(archive))
+            return node.import_image(node.NodePaths(self.dir / "node").containerd_sock,
+                                     archive if isinstance(archive, oci.DockerArchive) else Path(archive))
         except node.NodeError as err:
             raise ClusterError(str(err)) from None
 

@@ -1,9 +1,10 @@
 """modelfleet's container image, built without Docker, as a Docker archive for `ctr images import`.
 
-    python -m e2e.image build [--json]     build (or find in the cache) and print the tag and archive
-    python -m e2e.image check [--json]     build, unpack and run smoke checks in the image with runc
+    python -m e2e.image build [--json] [--out FILE]   build (or find in the cache) and print the tag;
+                                                      --out also writes the Docker archive to FILE
+    python -m e2e.image check [--json]                build, unpack and run smoke checks with runc
 
-    ensure_image() -> BuiltImage(tag, archive, size_bytes)
+    ensure_image() -> BuiltImage(tag, archive: oci.DockerArchive, size_bytes)
 
 The image holds what the root Dockerfile's does (Python 3.11 on Debian bookworm, user 10001,
 MODELFLEET_CACHE_DIR, HF_HOME, `pip install .`), built from three layers, base first, each an
@@ -19,13 +20,16 @@ uncompressed tar cached under <cache>/images/layers/ by the hash of its inputs:
 deps and project are installed in a chroot over an overlay mount of the layers below (in a
 private mount namespace, so nothing stays mounted), so each layer's tar is exactly the overlay's
 upper directory: a diff, with overlay whiteouts written as `.wh.` files. A code change rebuilds
-only the project layer and rewrites the archive (under a minute); a cold build takes five to
-seven minutes on 2 cores, most of it pip. The image is tagged
+only the project layer (under a minute); a cold build takes five to seven minutes on 2 cores,
+most of it pip. The image is tagged
 `localhost/modelfleet:<version>-<12 hex of the layer keys and the image config>`.
 
-The cache keeps the current image only: base (~0.4 GB: tar + rootfs), deps (~12 GB: tar + the
-directory the project layer is built over), a few small project layers, and one archive (~6.5 GB).
-Building needs root, mmdebstrap (installed with apt-get when missing) and overlayfs.
+The archive itself is never kept: `oci.DockerArchive` writes it from the layer tars on demand,
+straight into `ctr images import -` (or to a file with `build --out`). The deps directory the
+project layer is built over is removed once that layer is packed and unpacked again from its tar
+when the next one is built. So the cache holds the current image's layers once: base (~0.4 GB:
+tar + rootfs), deps (~6.3 GB: tar), a few small project layers. Building needs root, mmdebstrap
+(installed with apt-get when missing) and overlayfs.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from e2e import oci
@@ -104,8 +108,10 @@ class ImageError(RuntimeError):
 
 @dataclass(frozen=True)
 class BuiltImage:
+    """An image whose layers are in the cache. `size_bytes` is what its layer tars add up to."""
+
     tag: str
-    archive: Path
+    archive: oci.DockerArchive
     size_bytes: int
 
 
@@ -412,10 +418,52 @@ def _layer_ready(folder: Path) -> bool:
 
 
 def _finish_layer(partial: Path, final: Path, meta: dict) -> Path:
+    meta["sha256"] = oci.sha256_file(partial / "layer.tar")
     (partial / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     return final
+
+
+def layer_of(folder: Path) -> oci.Layer:
+    """A finished layer's tar with its digest (from meta.json; hashed once if a cache predates it)."""
+    tar, meta_path = folder / "layer.tar", folder / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    if meta.get("sha256") is None or meta.get("size") != tar.stat().st_size:
+        meta["sha256"], meta["size"] = oci.sha256_file(tar), tar.stat().st_size
+        meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return oci.Layer(tar, meta["sha256"], meta["size"])
+
+
+def restore_upper(tar_path: Path, upper: Path) -> None:
+    """Unpack a layer tar as the overlay upper directory it was packed from (as root).
+
+    The inverse of pack_layer: `.wh.<name>` becomes a 0/0 character device and `.wh..wh..opq`
+    the opaque xattr on its directory, so the result can serve as an overlay lower directory.
+    """
+    _require_root("unpacking a layer with its owners")
+    partial = upper.with_name(upper.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    whiteouts: list[str] = []
+    with tarfile.open(tar_path, mode="r|") as tar:
+        for member in tar:
+            if member.name.startswith("/") or ".." in member.name.split("/"):
+                raise ImageError(f"refusing layer entry {member.name!r} in {tar_path}")
+            if member.name.rpartition("/")[2].startswith(".wh."):
+                whiteouts.append(member.name)
+                continue
+            tar.extract(member, partial, numeric_owner=True, filter="fully_trusted")
+    for name in whiteouts:
+        parent, _, leaf = name.rpartition("/")
+        folder = partial / parent
+        folder.mkdir(parents=True, exist_ok=True)
+        if leaf == ".wh..wh..opq":
+            os.setxattr(folder, "trusted.overlay.opaque", b"y")
+        else:
+            os.mknod(folder / leaf.removeprefix(".wh."), stat.S_IFCHR | 0o000, os.makedev(0, 0))
+    shutil.rmtree(upper, ignore_errors=True)
+    partial.rename(upper)
 
 
 def build_base(key: str) -> Path:
@@ -536,6 +584,12 @@ def build_project(key: str, base: Path, deps: Path, root: Path = ROOT) -> Path:
     src = share / "src"
     shutil.rmtree(src, ignore_errors=True)
     src.mkdir(parents=True)
+    deps_upper = deps / "upper"
+    if not deps_upper.is_dir():
+        start = time.monotonic()
+        log("project: unpacking the deps layer to build over")
+        restore_upper(deps / "layer.tar", deps_upper)
+        log(f"project: deps unpacked in {time.monotonic() - start:.0f}s")
     for name in PROJECT_FILES:
         shutil.copy2(root / name, src / name)
     for path in package_files(root):
@@ -545,7 +599,7 @@ def build_project(key: str, base: Path, deps: Path, root: Path = ROOT) -> Path:
     start = time.monotonic()
     log("project: pip install --no-deps modelfleet")
     run_in_overlay(
-        [deps / "upper", base / "rootfs"], upper, share,
+        [deps_upper, base / "rootfs"], upper, share,
         [f"{VENV}/bin/pip", "install", "--no-deps", "/mnt/src"],
         label="pip install modelfleet", show=lambda line: line.startswith(("Successfully", "ERROR")),
     )
@@ -574,27 +628,34 @@ def _build_lock() -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def archive_path(tag: str) -> Path:
-    return images_root() / "archives" / f"modelfleet-{tag.rpartition(':')[2]}.tar"
+def _assemble(tag: str, folders: list[Path], root: Path) -> BuiltImage:
+    archive = oci.DockerArchive(tag, tuple(layer_of(f) for f in folders), image_config(project_version(root)))
+    return BuiltImage(tag, archive, archive.layer_bytes)
 
 
-def _cached(tag: str) -> BuiltImage | None:
-    archive = archive_path(tag)
-    if archive.is_file():
-        os.utime(archive)
-        return BuiltImage(tag, archive, archive.stat().st_size)
+def _drop_copies(deps: Path) -> None:
+    """Remove what only repeats a layer tar: the deps directory the project layer was built over
+    (unpacked again when the next one is built) and archives an earlier version saved."""
+    shutil.rmtree(deps / "upper", ignore_errors=True)
+    shutil.rmtree(images_root() / "archives", ignore_errors=True)
+
+
+def _cached(tag: str, keys: LayerKeys, root: Path) -> BuiltImage | None:
+    folders = [layer_dir(kind, getattr(keys, kind)) for kind in LAYER_NAMES]
+    if all(_layer_ready(f) for f in folders):
+        for folder in folders:
+            os.utime(folder / "meta.json")
+        _drop_copies(folders[1])
+        return _assemble(tag, folders, root)
     return None
 
 
 def ensure_image(root: Path = ROOT) -> BuiltImage:
-    """The image of the tree at `root`: the cached archive at once, else build what changed."""
+    """The image of the tree at `root`: its cached layers at once, else build what changed."""
     keys = layer_keys(root)
     tag = image_tag(root, keys)
-    found = _cached(tag)
-    if found:
-        return found
     with _build_lock():
-        found = _cached(tag)
+        found = _cached(tag, keys, root)
         if found:
             return found
         start = time.monotonic()
@@ -602,24 +663,20 @@ def ensure_image(root: Path = ROOT) -> BuiltImage:
         base = build_base(keys.base)
         deps = build_deps(keys.deps, base, root)
         project = build_project(keys.project, base, deps, root)
-        layers = [base / "layer.tar", deps / "layer.tar", project / "layer.tar"]
-        archive = archive_path(tag)
-        pack_start = time.monotonic()
-        oci.write_docker_archive(archive, tag, layers, image_config(project_version(root)))
-        size = archive.stat().st_size
-        log(f"archive: {size / 1e9:.2f} GB written in {time.monotonic() - pack_start:.0f}s: {archive}")
+        _drop_copies(deps)
+        built = _assemble(tag, [base, deps, project], root)
         for folder in (base, deps, project):
             os.utime(folder / "meta.json")
-        prune(keep={base.name, deps.name, project.name}, keep_archive=archive.name)
-        log(f"built {tag} in {time.monotonic() - start:.0f}s")
-        return BuiltImage(tag, archive, size)
+        prune(keep={base.name, deps.name, project.name})
+        log(f"built {tag} in {time.monotonic() - start:.0f}s: {built.size_bytes / 1e9:.2f} GB of layers")
+        return built
 
 
-def prune(keep: set[str], keep_archive: str, spare_projects: int = 4) -> None:
-    """Remove unfinished work, archives and layers the current image does not use.
+def prune(keep: set[str], spare_projects: int = 4) -> None:
+    """Remove unfinished work and the layers the current image does not use.
 
-    A dependency layer takes about 12 GB (its tar and the directory the project layer is built
-    over), so only the current one stays; a few recent project layers (about 1 MB each) are spared.
+    A dependency layer takes about 6 GB, so only the current one stays; a few recent project
+    layers (about 1 MB each) are spared. Archives an earlier version of this module kept go too.
     """
     layers = images_root() / "layers"
     for kind in LAYER_NAMES:
@@ -633,12 +690,8 @@ def prune(keep: set[str], keep_archive: str, spare_projects: int = 4) -> None:
         for folder in others:
             if folder not in finished[: spare_projects if kind == "project" else 0]:
                 shutil.rmtree(folder, ignore_errors=True)
-    archives = sorted((a for a in (images_root() / "archives").glob("*.tar") if a.name != keep_archive),
-                      key=lambda a: a.stat().st_mtime, reverse=True)
-    for old in archives:
-        old.unlink()
-    for partial in (images_root() / "archives").glob("*.partial"):
-        partial.unlink()
+    for interrupted in layers.glob("*/upper.partial"):  # an unpack that did not finish
+        shutil.rmtree(interrupted, ignore_errors=True)
 
 
 def layer_info(keys: LayerKeys | None = None) -> dict[str, dict]:
@@ -654,28 +707,18 @@ def layer_info(keys: LayerKeys | None = None) -> dict[str, dict]:
 # -- running the image ----------------------------------------------------------------------------
 
 
-def unpack_image(archive: Path, dest: Path) -> dict:
-    """Apply a Docker archive's layers, base first, onto `dest` (as root: owners are kept).
+def unpack_image(archive: oci.DockerArchive, dest: Path) -> dict:
+    """Apply an image's layer tars, base first, onto `dest` (as root: owners are kept).
 
     Whiteouts remove what lower layers put there. Returns the image's config JSON.
     """
     _require_root("unpacking an image with its owners")
     dest.mkdir(parents=True, exist_ok=True)
     real_dest = os.path.realpath(dest)
-    with tarfile.open(archive) as outer:
-        manifest = json.load(_member(outer, "manifest.json"))[0]
-        config = json.load(_member(outer, manifest["Config"]))
-        for layer in manifest["Layers"]:
-            with tarfile.open(fileobj=_member(outer, layer), mode="r|") as tar:
-                _apply_layer(tar, dest, real_dest)
-    return config
-
-
-def _member(tar: tarfile.TarFile, name: str):
-    handle = tar.extractfile(name)
-    if handle is None:
-        raise ImageError(f"{name} is missing from the archive")
-    return handle
+    for layer in archive.layers:
+        with tarfile.open(layer.path, mode="r|") as tar:
+            _apply_layer(tar, dest, real_dest)
+    return json.loads(archive.config_json())
 
 
 def _apply_layer(tar: tarfile.TarFile, dest: Path, real_dest: str) -> None:
@@ -842,7 +885,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["build", "check", "tag"],
                         help="build the archive; build and run the smoke checks; print the tag")
     parser.add_argument("--json", action="store_true",
-                        help="progress on stderr, one JSON object (tag, archive, size_bytes, ...) on stdout")
+                        help="progress on stderr, one JSON object (tag, size_bytes, layers, ...) on stdout")
+    parser.add_argument("--out", type=Path, metavar="FILE",
+                        help="also write the Docker archive to FILE (for `ctr images import FILE`)")
     args = parser.parse_args(argv)
     if args.command == "tag":
         print(image_tag())
@@ -853,23 +898,31 @@ def main(argv: list[str] | None = None) -> int:
         try:
             built = ensure_image()
             layers = layer_info()
-            report = {**asdict(built), "archive": str(built.archive),
+            report = {"tag": built.tag, "size_bytes": built.size_bytes,
+                      "layer_tars": [str(layer.path) for layer in built.archive.layers],
                       "seconds": round(time.monotonic() - start, 1),
                       "layers": {k: {"size": v.get("size")} for k, v in layers.items()},
                       "versions": {k: v for k, v in layers["deps"].get("installed", {}).items()
                                    if k in ("torch", "ray", "numpy", "kopf", "pydantic")}}
+            if args.out:
+                saved = time.monotonic()
+                built.archive.save(args.out)
+                report["archive"] = str(args.out)
+                log(f"archive: {args.out.stat().st_size / 1e9:.2f} GB written in "
+                    f"{time.monotonic() - saved:.0f}s to {args.out}")
             if args.command == "check":
                 results = check_image(built)
                 report["checks"] = {k: r.returncode == 0 for k, r in results.items()}
         except ImageError as err:
             log(f"failed after {time.monotonic() - start:.0f}s:\n{err}")
             return 1
-        log(f"{built.tag}: {built.size_bytes / 1e9:.2f} GB at {built.archive} ({report['seconds']:.1f}s)")
+        log(f"{built.tag}: {built.size_bytes / 1e9:.2f} GB of layers ({report['seconds']:.1f}s)")
     if args.json:
         print(json.dumps(report))
     else:
         print(built.tag)
-        print(built.archive)
+        if args.out:
+            print(args.out)
     return 0 if all(report.get("checks", {}).values()) else 1
 
 

@@ -54,7 +54,8 @@ Public API (used by e2e/cluster.py and the tests):
     create_netns(net), delete_netns(), nsenter(*cmd) -> argv
     node_pki(pki_dir, server, net, name) -> paths; write_configs(...); kubelet_args(...)
     pause_image(out_dir) -> archive; busybox_image(out_dir, tag=BUSYBOX_IMAGE) -> archive
-    import_image(sock, archive) -> tag; ctr(sock, *args) -> stdout
+    busybox_archive(out_dir, tag) -> DockerArchive (to stream)
+    import_image(sock, archive | DockerArchive) -> tag; ctr(sock, *args) -> stdout
     dns_query(server, name) -> (rcode, addresses)
     remove_containers(sock) -> int; cleanup(dir, state) -> list[str]
     leftovers(dir) -> dict; machine_snapshot() -> dict
@@ -363,6 +364,11 @@ def pause_image(out_dir: Path) -> Path:
 
 
 def busybox_image(out_dir: Path, tag: str = BUSYBOX_IMAGE) -> Path:
+    """busybox_archive's image saved as a Docker archive file (`out_dir/busybox.tar`)."""
+    return busybox_archive(out_dir, tag).save(out_dir / "busybox.tar")
+
+
+def busybox_archive(out_dir: Path, tag: str = BUSYBOX_IMAGE) -> oci.DockerArchive:
     """A small test image: Debian's busybox-static with a link per applet in /bin.
 
     Its `wget` crashes (Debian's 1.35 build segfaults even on the host), so tests speak HTTP
@@ -381,7 +387,7 @@ def busybox_image(out_dir: Path, tag: str = BUSYBOX_IMAGE) -> Path:
     files |= {f"etc/{n}": etc / n for n in ("passwd", "group", "nsswitch.conf")}
     dirs = {"bin": 0o755, "etc": 0o755, "tmp": 0o1777, "root": 0o700, "www": 0o755}
     layer = _layer(out_dir / "busybox-layer.tar", files, links, dirs)
-    return oci.write_docker_archive(out_dir / "busybox.tar", tag, [layer], oci.ImageConfig(cmd=["sh"]))
+    return oci.DockerArchive(tag, (oci.Layer.of(layer),), oci.ImageConfig(cmd=["sh"]))
 
 
 def ctr(sock: Path, *args: str, timeout: float = 120) -> str:
@@ -399,23 +405,31 @@ def _ingested(content_root: Path) -> int:
     return total
 
 
-def import_image(sock: Path, archive: Path, timeout: float = 3600) -> str:
+def import_image(sock: Path, archive: Path | oci.DockerArchive, timeout: float = 3600) -> str:
     """`ctr images import` of a Docker archive into containerd's k8s.io namespace.
 
-    Prints a progress line every 15 s (bytes containerd has stored so far, out of the archive's
-    size), since ctr itself is silent until the end. Returns the image's tag.
+    `archive` is an archive file, or a `DockerArchive` streamed into `ctr images import -` (no
+    second copy of the layers on disk). Prints a progress line every 15 s (bytes containerd has
+    stored so far, out of the archive's size), since ctr itself is silent until the end. Returns
+    the image's tag.
     """
-    tag = oci.archive_tag(archive)
-    size = archive.stat().st_size
+    streamed = isinstance(archive, oci.DockerArchive)
+    if streamed:
+        tag, size, source = archive.tag, archive.layer_bytes, "a stream"
+    else:
+        tag, size, source = oci.archive_tag(archive), archive.stat().st_size, str(archive)
     content = sock.parent / "root" / "io.containerd.content.v1.content"
     before = _ingested(content)
-    log(f"importing {tag} ({size / 2**20:,.0f} MiB) from {archive}")
+    log(f"importing {tag} ({size / 2**20:,.0f} MiB) from {source}")
     start = time.monotonic()
     proc = subprocess.Popen(
-        ["ctr", f"--address={sock}", "--namespace=k8s.io", "images", "import", str(archive)],
+        ["ctr", f"--address={sock}", "--namespace=k8s.io", "images", "import",
+         "-" if streamed else str(archive)],
+        stdin=subprocess.PIPE if streamed else subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     stop = threading.Event()
+    write_error: list[BaseException] = []
 
     def progress() -> None:
         while not stop.wait(15):
@@ -423,17 +437,37 @@ def import_image(sock: Path, archive: Path, timeout: float = 3600) -> str:
             log(f"  {tag}: {time.monotonic() - start:.0f}s, {stored / 2**20:,.0f} of "
                 f"{size / 2**20:,.0f} MiB stored, then unpacked")
 
-    reporter = threading.Thread(target=progress, daemon=True)
-    reporter.start()
+    def feed() -> None:
+        assert proc.stdin is not None and isinstance(archive, oci.DockerArchive)
+        try:
+            archive.write(proc.stdin.buffer)
+        except (OSError, ValueError) as err:  # ctr went away (its output says why), or a bad layer
+            write_error.append(err)
+        finally:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+
+    threads = [threading.Thread(target=progress, daemon=True)]
+    if streamed:
+        threads.append(threading.Thread(target=feed, daemon=True))
+    for thread in threads:
+        thread.start()
+    deadline = threading.Timer(timeout, proc.kill)
+    deadline.start()
     try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise NodeError(f"importing {archive} took more than {timeout:.0f}s") from None
+        assert proc.stdout is not None
+        output = proc.stdout.read()
+        proc.wait()
     finally:
+        deadline.cancel()
         stop.set()
-    if proc.returncode != 0:
-        raise NodeError(f"importing {archive} failed: {output.strip()[-2000:]}")
+    if time.monotonic() - start >= timeout:
+        raise NodeError(f"importing {tag} from {source} took more than {timeout:.0f}s")
+    if streamed:
+        threads[1].join(60)
+    if proc.returncode != 0 or write_error:
+        why = f" (writing the stream: {write_error[0]})" if write_error else ""
+        raise NodeError(f"importing {tag} from {source} failed{why}: {output.strip()[-2000:]}")
     listed = ctr(sock, "images", "ls", "-q")
     if tag not in listed.split():
         raise NodeError(f"{tag} not among containerd's images after import:\n{listed}")
@@ -569,8 +603,11 @@ def kubelet_config(paths: NodePaths, net: NodeNetwork, ca: Path) -> dict:
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
         "imageMinimumGCAge": "8760h",
-        "evictionHard": {"memory.available": "50Mi", "nodefs.available": "1%",
-                         "nodefs.inodesFree": "1%", "imagefs.available": "1%"},
+        # No eviction for disk, as kind's nodes: the node's filesystem is the machine's own, shared
+        # with everything else on it, and a percentage of a large disk (1% of 250 GB) tainted the
+        # node while gigabytes were free. A truly full disk fails the write that fills it instead.
+        "evictionHard": {"memory.available": "50Mi", "nodefs.available": "0%",
+                         "nodefs.inodesFree": "0%", "imagefs.available": "0%"},
         "evictionPressureTransitionPeriod": "5s",
         "protectKernelDefaults": False,
         "nodeStatusUpdateFrequency": "10s",

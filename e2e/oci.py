@@ -4,6 +4,10 @@ containerd's `ctr images import` reads this format (a tar holding `manifest.json
 JSON whose `rootfs.diff_ids` are the sha256 of the uncompressed layer tars, and the layers).
 
     write_docker_archive(out, "localhost/modelfleet/pause:3.10", [layer_tar], ImageConfig(...))
+    DockerArchive(tag, (Layer.of(tar), ...), config).write(stream)   # no archive file at all
+
+A large image is better streamed than saved: its archive is a second copy of every layer, and
+`ctr images import -` reads the stream as it would the file.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -63,23 +68,68 @@ def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     archive.addfile(info, io.BytesIO(data))
 
 
+@dataclass(frozen=True)
+class Layer:
+    """An uncompressed layer tar, its sha256 (hex) and its size in bytes."""
+
+    path: Path
+    sha256: str
+    size: int
+
+    @classmethod
+    def of(cls, path: Path) -> Layer:
+        return cls(path, sha256_file(path), path.stat().st_size)
+
+
+@dataclass(frozen=True)
+class DockerArchive:
+    """A Docker archive described by its parts, written on demand to a file or a stream."""
+
+    tag: str
+    layers: tuple[Layer, ...]
+    config: ImageConfig
+
+    @property
+    def diff_ids(self) -> list[str]:
+        return [f"sha256:{layer.sha256}" for layer in self.layers]
+
+    @property
+    def layer_bytes(self) -> int:
+        """What the layers add up to: the archive is this plus a few KB of headers and JSON."""
+        return sum(layer.size for layer in self.layers)
+
+    def config_json(self) -> bytes:
+        return json.dumps(self.config.as_json(self.diff_ids), sort_keys=True).encode()
+
+    def write(self, fileobj: BinaryIO) -> None:
+        """Write the archive to `fileobj`, front to back (a pipe will do)."""
+        config_bytes = self.config_json()
+        config_name = f"{hashlib.sha256(config_bytes).hexdigest()}.json"
+        layer_names = [f"{layer.sha256}/layer.tar" for layer in self.layers]
+        manifest = [{"Config": config_name, "RepoTags": [self.tag], "Layers": layer_names}]
+        with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT,
+                          bufsize=1 << 20) as archive:
+            _add_bytes(archive, config_name, config_bytes)
+            for layer, name in zip(self.layers, layer_names, strict=True):
+                if layer.path.stat().st_size != layer.size:
+                    raise ValueError(f"{layer.path} changed since it was hashed")
+                archive.add(layer.path, arcname=name)
+            _add_bytes(archive, "manifest.json", json.dumps(manifest).encode())
+            _add_bytes(archive, "repositories",
+                       json.dumps(_repositories(self.tag, layer_names[-1])).encode())
+
+    def save(self, out: Path) -> Path:
+        partial = out.with_name(out.name + ".partial")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with partial.open("wb") as handle:
+            self.write(handle)
+        partial.replace(out)
+        return out
+
+
 def write_docker_archive(out: Path, tag: str, layers: list[Path], config: ImageConfig) -> Path:
     """Pack uncompressed layer tars (base first) into a Docker archive at `out` named `tag`."""
-    diff_ids = [f"sha256:{sha256_file(layer)}" for layer in layers]
-    config_bytes = json.dumps(config.as_json(diff_ids), sort_keys=True).encode()
-    config_name = f"{hashlib.sha256(config_bytes).hexdigest()}.json"
-    layer_names = [f"{d.split(':', 1)[1]}/layer.tar" for d in diff_ids]
-    manifest = [{"Config": config_name, "RepoTags": [tag], "Layers": layer_names}]
-    partial = out.with_name(out.name + ".partial")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as archive:
-        _add_bytes(archive, config_name, config_bytes)
-        for layer, name in zip(layers, layer_names, strict=True):
-            archive.add(layer, arcname=name)
-        _add_bytes(archive, "manifest.json", json.dumps(manifest).encode())
-        _add_bytes(archive, "repositories", json.dumps(_repositories(tag, layer_names[-1])).encode())
-    partial.replace(out)
-    return out
+    return DockerArchive(tag, tuple(Layer.of(layer) for layer in layers), config).save(out)
 
 
 def _repositories(tag: str, top_layer: str) -> dict:

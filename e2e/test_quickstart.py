@@ -142,6 +142,7 @@ class Shell:
         """What a user would look at when a step hangs: pods, the md, the operator's log."""
         parts = []
         for args in (
+            ["describe", "nodes"],
             ["get", "pods", "-A", "-o", "wide"],
             ["describe", "md", "-A"],
             ["logs", "-n", NAMESPACE, "deploy/modelfleet", "--tail", "40"],
@@ -153,6 +154,25 @@ class Shell:
                 out = f"{err}"
             parts.append(f"--- kubectl {' '.join(args)}\n{out[-2500:]}")
         return "\n".join(parts)
+
+    def leave_clean(self) -> None:
+        """Whatever a test left, the next one starts from no ModelDeployment and no release.
+
+        Best effort and never raising, so that a test's own failure is the one reported (a
+        release left behind made each later test fail on `helm install` instead).
+        """
+        for command in (
+            "kubectl delete md --all -A --ignore-not-found --wait --timeout=3m",
+            f"helm uninstall modelfleet --namespace {NAMESPACE} --ignore-not-found --wait --timeout 3m",
+        ):
+            try:
+                done = subprocess.run(["bash", "-c", command], env=self.env, capture_output=True,
+                                      text=True, timeout=240)
+                if done.returncode != 0:
+                    output = (done.stdout + done.stderr)[-400:]
+                    log(f"cleanup: `{command}` exited {done.returncode}: {output}")
+            except subprocess.TimeoutExpired:
+                log(f"cleanup: `{command}` ran past 240 s")
 
     def close(self) -> None:
         """Stop the background commands (port-forwards)."""
@@ -282,6 +302,7 @@ def test_readme_quickstart_on_a_real_node(quickstart_cluster):
             log(f"step {name}: {took:.1f} s")
     finally:
         shell.close()
+        shell.leave_clean()
 
 
 def _get(url: str) -> dict | None:
@@ -375,9 +396,9 @@ def test_failures_a_bad_manifest_a_killed_worker_and_a_killed_operator(quickstar
     shell = Shell(cluster, tag, port)
     base = f"http://127.0.0.1:{port}"
     commands = quickstart_commands()
-    shell.run(commands[0])  # helm install, as in the README
-    shell.run(f"kubectl rollout status deploy/modelfleet -n {NAMESPACE} --timeout=10m")
     try:
+        shell.run(commands[0])  # helm install, as in the README
+        shell.run(f"kubectl rollout status deploy/modelfleet -n {NAMESPACE} --timeout=10m")
         # A bad manifest is refused by the API server itself, with the field named.
         tiny = (ROOT / "examples/tiny.yaml").read_text()
         bad = tiny.replace("tensorParallelSize: 1", "tensorParallelSize: 0")
@@ -442,9 +463,8 @@ def test_failures_a_bad_manifest_a_killed_worker_and_a_killed_operator(quickstar
         assert [c for c in after if not c.startswith("Pod/")] == unchanged
         assert len(worker_names(shell)) == 2
     finally:
-        shell.run("kubectl delete md tiny --ignore-not-found")
-        shell.run(commands[-1])  # helm uninstall, as in the README
         shell.close()
+        shell.leave_clean()
 
 
 AUTOSCALED = """
@@ -483,10 +503,10 @@ def test_autoscaling_on_prometheus_raises_replicas_for_a_burst_and_lowers_them_a
     base = f"http://127.0.0.1:{port}"
     commands = quickstart_commands()
     node_ip = cluster.read_state()["node"]["node_ip"]
-    shell.run(commands[0])
-    shell.run(f"kubectl rollout status deploy/modelfleet -n {NAMESPACE} --timeout=10m")
     prometheus: PrometheusServer | None = None
     try:
+        shell.run(commands[0])
+        shell.run(f"kubectl rollout status deploy/modelfleet -n {NAMESPACE} --timeout=10m")
         # Prometheus first: the manifest names its URL; its target (the Service) follows.
         prometheus = PrometheusServer(
             [], "1s", workdir=cluster.dir / "prometheus", listen_host=node_ip, prefix=node.nsenter()
@@ -538,6 +558,5 @@ def test_autoscaling_on_prometheus_raises_replicas_for_a_burst_and_lowers_them_a
     finally:
         if prometheus is not None:
             prometheus.stop()
-        shell.run("kubectl delete md tiny --ignore-not-found")
-        shell.run(commands[-1])
         shell.close()
+        shell.leave_clean()

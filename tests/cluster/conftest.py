@@ -110,7 +110,8 @@ def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     (started.dir / "machine-before.json").write_text(json.dumps(node.machine_snapshot()))
     try:
         started.up(real_node=True)
-        started.load_image(node.busybox_image(started.dir / "images"))
+        # Streamed, as the project's image is (the pause image came in as a file).
+        started.load_image(node.busybox_archive(started.dir / "images"))
     except ClusterError as err:
         started.down()
         pytest.fail(f"the cluster with a real node did not start (logs in {started.dir}/logs):\n{err}",

@@ -16,6 +16,7 @@ import shutil
 import stat
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -46,22 +47,59 @@ def built() -> image.BuiltImage:
         pytest.fail(f"the image did not build:\n{err}", pytrace=False)
 
 
+class _Counting:
+    """A binary reader that hashes and counts what passes through it."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.digest, self.count = handle, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        self.digest.update(data)
+        self.count += len(data)
+        return data
+
+
 @pytest.fixture(scope="module")
 def archive(built: image.BuiltImage) -> dict:
-    """The archive's manifest, config, and per layer: its sha256 and its entries by name."""
-    with tarfile.open(built.archive) as outer:
-        manifest = json.load(outer.extractfile("manifest.json"))
-        config = json.load(outer.extractfile(manifest[0]["Config"]))
-        layers = []
-        for name in manifest[0]["Layers"]:
-            digest = hashlib.sha256()
-            handle = outer.extractfile(name)
-            while block := handle.read(1 << 20):
-                digest.update(block)
-            with tarfile.open(fileobj=outer.extractfile(name), mode="r:") as layer:
-                entries = {m.name: m for m in layer.getmembers()}
-            layers.append({"name": name, "sha256": digest.hexdigest(), "entries": entries})
-    return {"manifest": manifest, "config": config, "layers": layers}
+    """The archive as `ctr images import -` receives it (written into a pipe and read as a stream):
+    its manifest, config, size, and per layer its sha256 and its entries by name."""
+    read_end, write_end = os.pipe()
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            with open(write_end, "wb") as pipe:
+                built.archive.write(pipe)
+        except BaseException as err:  # reported below, with what the reader saw
+            errors.append(err)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    found: dict = {"layers": []}
+    with open(read_end, "rb") as pipe:
+        stream = _Counting(pipe)
+        with tarfile.open(fileobj=stream, mode="r|") as outer:
+            for member in outer:
+                handle = outer.extractfile(member)
+                if member.name == "manifest.json":
+                    found["manifest"] = json.load(handle)
+                elif member.name.endswith("/layer.tar"):
+                    layer_bytes = _Counting(handle)
+                    with tarfile.open(fileobj=layer_bytes, mode="r|") as layer:
+                        entries = {m.name: m for m in layer}
+                    while layer_bytes.read(1 << 20):  # the rest: end-of-archive blocks
+                        pass
+                    found["layers"].append({"name": member.name, "sha256": layer_bytes.digest.hexdigest(),
+                                            "size": layer_bytes.count, "entries": entries})
+                elif member.name.endswith(".json"):
+                    found["config_name"], found["config"] = member.name, json.load(handle)
+        while stream.read(1 << 20):
+            pass
+    writer.join(60)
+    assert not errors, errors
+    found["streamed_bytes"] = stream.count
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +131,19 @@ def test_tag_names_version_and_layers(built: image.BuiltImage, archive: dict) ->
     assert re.fullmatch(rf"localhost/modelfleet:{re.escape(VERSION)}-[0-9a-f]{{12}}", built.tag)
     assert built.tag == image.image_tag()
     assert archive["manifest"][0]["RepoTags"] == [built.tag]
-    assert built.size_bytes == built.archive.stat().st_size
-    assert image.ensure_image() == built, "a second call must return the cached archive"
+    assert archive["manifest"][0]["Config"] == archive["config_name"]
+    assert archive["manifest"][0]["Layers"] == [layer["name"] for layer in archive["layers"]]
+    assert built.size_bytes == sum(layer["size"] for layer in archive["layers"])
+    assert 0 < archive["streamed_bytes"] - built.size_bytes < 2**20, "headers and JSON only"
+    assert image.ensure_image() == built, "a second call must return the cached layers"
+
+
+def test_no_second_copy_of_the_layers_stays_in_the_cache(built: image.BuiltImage) -> None:
+    """The cache holds each layer's tar once: no saved archive, no unpacked deps directory."""
+    root = image.images_root()
+    assert not (root / "archives").exists()
+    deps = built.archive.layers[1].path.parent
+    assert not (deps / "upper").exists() and not (deps / "upper.partial").exists()
 
 
 def test_config_matches_the_dockerfile(archive: dict) -> None:
@@ -238,6 +287,36 @@ def test_whiteouts_round_trip(tmp_path: Path) -> None:
             image._apply_layer(tar, dest, os.path.realpath(dest))
     found = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*"))
     assert found == ["added", "keep", "keep/a", "opaque", "opaque/new"]
+
+
+def test_a_packed_upper_directory_unpacks_to_the_same_layer(tmp_path: Path) -> None:
+    """restore_upper is pack_layer's inverse (whiteouts and opaque directories come back as
+    overlay writes them), so the project layer builds over an unpacked deps tar as over the
+    directory that tar was packed from."""
+    _need_root()
+    upper = tmp_path / "upper"
+    (upper / "opaque").mkdir(parents=True)
+    (upper / "opaque" / "new").write_text("new")
+    os.setxattr(upper / "opaque", "trusted.overlay.opaque", b"y")
+    os.mknod(upper / "gone", stat.S_IFCHR | 0o000, os.makedev(0, 0))
+    (upper / "bin").mkdir()
+    (upper / "bin" / "tool").write_text("#!/bin/sh\n")
+    (upper / "bin" / "tool").chmod(0o755)
+    os.chown(upper / "bin" / "tool", 10001, 10001)
+    (upper / "bin" / "link").symlink_to("tool")
+    image.pack_layer(upper, tmp_path / "first.tar")
+    restored = tmp_path / "restored"
+    image.restore_upper(tmp_path / "first.tar", restored)
+    gone = (restored / "gone").lstat()
+    assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
+    assert os.getxattr(restored / "opaque", "trusted.overlay.opaque") == b"y"
+    tool = (restored / "bin" / "tool").stat()
+    assert (tool.st_uid, stat.S_IMODE(tool.st_mode)) == (10001, 0o755)
+    assert os.readlink(restored / "bin" / "link") == "tool"
+    image.pack_layer(restored, tmp_path / "second.tar")
+    with tarfile.open(tmp_path / "first.tar") as first, tarfile.open(tmp_path / "second.tar") as second:
+        assert [(m.name, m.type, m.mode, m.uid, m.size, m.linkname) for m in first] == \
+            [(m.name, m.type, m.mode, m.uid, m.size, m.linkname) for m in second]
 
 
 # -- the image runs -------------------------------------------------------------------------------

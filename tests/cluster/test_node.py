@@ -14,10 +14,11 @@ import shlex
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from e2e import node
+from e2e import node, oci
 from e2e.cluster import Cluster, ClusterError
 from e2e.waiting import eventually
 
@@ -92,6 +93,24 @@ def test_node_is_ready_untainted_and_advertises_gpus(node_cluster: Cluster) -> N
     report = node_cluster.status()
     assert report["real_node"]["name"] == name and report["real_node"]["ready"] is True
     assert report["nodes"] == {name: "8 gpu"}
+
+
+def test_a_streamed_image_is_the_one_its_archive_file_holds(node_cluster: Cluster, tmp_path: Path) -> None:
+    """`ctr images import -` of a DockerArchive written into a pipe stores the image an archive
+    file of it does; a layer that changed after it was hashed fails the import, by name."""
+    sock = node.NodePaths(node_cluster.dir / "node").containerd_sock
+    streamed = node.busybox_archive(tmp_path, "localhost/modelfleet/busybox-streamed:1")
+    saved_tag = "localhost/modelfleet/busybox-saved:1"
+    saved = oci.DockerArchive(saved_tag, streamed.layers, streamed.config).save(tmp_path / "saved.tar")
+    assert node_cluster.load_image(streamed) == streamed.tag
+    assert node_cluster.load_image(saved) == saved_tag
+    listed = {line.split()[0]: line.split()[2] for line in node.ctr(sock, "images", "ls").splitlines()[1:]}
+    assert listed[streamed.tag] == listed[saved_tag], "the same manifest, whichever way it came"
+    with streamed.layers[0].path.open("ab") as layer:
+        layer.write(b"\0" * 512)
+    changed = oci.DockerArchive("localhost/modelfleet/busybox-broken:1", streamed.layers, streamed.config)
+    with pytest.raises(ClusterError, match="changed since it was hashed"):
+        node_cluster.load_image(changed)
 
 
 def test_pod_runs_and_its_logs_come_back(node_cluster: Cluster, ns: str) -> None:
