@@ -141,8 +141,10 @@ class Shell:
     def diagnose(self) -> str:
         """What a user would look at when a step hangs: pods, the md, the operator's log."""
         parts = []
+        node_state = ("jsonpath={range .items[*]}{.metadata.name} taints={.spec.taints} "
+                      "{range .status.conditions[*]}{.type}={.status} {end}{'\\n'}{end}")
         for args in (
-            ["describe", "nodes"],
+            ["get", "nodes", "-o", node_state],
             ["get", "pods", "-A", "-o", "wide"],
             ["describe", "md", "-A"],
             ["logs", "-n", NAMESPACE, "deploy/modelfleet", "--tail", "40"],
