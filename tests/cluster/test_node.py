@@ -97,13 +97,17 @@ def test_node_is_ready_untainted_and_advertises_gpus(node_cluster: Cluster) -> N
 
 def test_a_streamed_image_is_the_one_its_archive_file_holds(node_cluster: Cluster, tmp_path: Path) -> None:
     """`ctr images import -` of a DockerArchive written into a pipe stores the image an archive
-    file of it does; a layer that changed after it was hashed fails the import, by name."""
+    file of it does, less the layer blobs once unpacked (every pod in this module runs from the
+    streamed busybox); a layer that changed after it was hashed fails the import, by name."""
     sock = node.NodePaths(node_cluster.dir / "node").containerd_sock
+    blobs = sock.parent / "root" / "io.containerd.content.v1.content" / "blobs" / "sha256"
     streamed = node.busybox_archive(tmp_path, "localhost/modelfleet/busybox-streamed:1")
     saved_tag = "localhost/modelfleet/busybox-saved:1"
     saved = oci.DockerArchive(saved_tag, streamed.layers, streamed.config).save(tmp_path / "saved.tar")
     assert node_cluster.load_image(streamed) == streamed.tag
+    assert not (blobs / streamed.layers[0].sha256).exists(), "the unpacked layer's blob is dropped"
     assert node_cluster.load_image(saved) == saved_tag
+    assert (blobs / streamed.layers[0].sha256).exists(), "a file import keeps its blobs"
     listed = {line.split()[0]: line.split()[2] for line in node.ctr(sock, "images", "ls").splitlines()[1:]}
     assert listed[streamed.tag] == listed[saved_tag], "the same manifest, whichever way it came"
     with streamed.layers[0].path.open("ab") as layer:
