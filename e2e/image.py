@@ -446,6 +446,7 @@ def restore_upper(tar_path: Path, upper: Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     whiteouts: list[str] = []
+    directories: list[tarfile.TarInfo] = []
     with tarfile.open(tar_path, mode="r|") as tar:
         for member in tar:
             if member.name.startswith("/") or ".." in member.name.split("/"):
@@ -454,6 +455,11 @@ def restore_upper(tar_path: Path, upper: Path) -> None:
                 whiteouts.append(member.name)
                 continue
             tar.extract(member, partial, numeric_owner=True, filter="fully_trusted")
+            if member.isdir():
+                directories.append(member)
+    # A directory's time changed as its entries went in; put it back, deepest first.
+    for member in sorted(directories, key=lambda m: m.name, reverse=True):
+        os.utime(partial / member.name, (member.mtime, member.mtime), follow_symlinks=False)
     for name in whiteouts:
         parent, _, leaf = name.rpartition("/")
         folder = partial / parent

@@ -304,6 +304,7 @@ def test_a_packed_upper_directory_unpacks_to_the_same_layer(tmp_path: Path) -> N
     (upper / "bin" / "tool").chmod(0o755)
     os.chown(upper / "bin" / "tool", 10001, 10001)
     (upper / "bin" / "link").symlink_to("tool")
+    os.utime(upper / "bin", (1_600_000_000, 1_600_000_000))  # as a lower's directory copied up
     image.pack_layer(upper, tmp_path / "first.tar")
     restored = tmp_path / "restored"
     image.restore_upper(tmp_path / "first.tar", restored)
@@ -315,8 +316,8 @@ def test_a_packed_upper_directory_unpacks_to_the_same_layer(tmp_path: Path) -> N
     assert os.readlink(restored / "bin" / "link") == "tool"
     image.pack_layer(restored, tmp_path / "second.tar")
     with tarfile.open(tmp_path / "first.tar") as first, tarfile.open(tmp_path / "second.tar") as second:
-        assert [(m.name, m.type, m.mode, m.uid, m.size, m.linkname) for m in first] == \
-            [(m.name, m.type, m.mode, m.uid, m.size, m.linkname) for m in second]
+        assert [(m.name, m.type, m.mode, m.uid, m.size, m.linkname, int(m.mtime)) for m in first] == \
+            [(m.name, m.type, m.mode, m.uid, m.size, m.linkname, int(m.mtime)) for m in second]
 
 
 # -- the image runs -------------------------------------------------------------------------------
