@@ -448,12 +448,17 @@ def import_image(sock: Path, archive: Path | oci.DockerArchive, timeout: float =
             with contextlib.suppress(OSError):
                 proc.stdin.close()
 
-    threads = [threading.Thread(target=progress, daemon=True)]
-    if streamed:
-        threads.append(threading.Thread(target=feed, daemon=True))
-    for thread in threads:
-        thread.start()
-    deadline = threading.Timer(timeout, proc.kill)
+    feeder = threading.Thread(target=feed, daemon=True) if streamed else None
+    for thread in (threading.Thread(target=progress, daemon=True), feeder):
+        if thread is not None:
+            thread.start()
+    timed_out = threading.Event()
+
+    def kill() -> None:
+        timed_out.set()
+        proc.kill()
+
+    deadline = threading.Timer(timeout, kill)
     deadline.start()
     try:
         assert proc.stdout is not None
@@ -462,10 +467,10 @@ def import_image(sock: Path, archive: Path | oci.DockerArchive, timeout: float =
     finally:
         deadline.cancel()
         stop.set()
-    if time.monotonic() - start >= timeout:
+    if timed_out.is_set():
         raise NodeError(f"importing {tag} from {source} took more than {timeout:.0f}s")
-    if streamed:
-        threads[1].join(60)
+    if feeder is not None:
+        feeder.join(60)
     if proc.returncode != 0 or write_error:
         why = f" (writing the stream: {write_error[0]})" if write_error else ""
         raise NodeError(f"importing {tag} from {source} failed{why}: {output.strip()[-2000:]}")
