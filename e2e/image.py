@@ -4,7 +4,7 @@
                                                       --out also writes the Docker archive to FILE
     python -m e2e.image check [--json]                build, unpack and run smoke checks with runc
 
-    ensure_image() -> BuiltImage(tag, archive: oci.DockerArchive, size_bytes)
+    ensure_image() -> BuiltImage(tag, archive: oci.DockerArchive); .size_bytes
 
 The image holds what the root Dockerfile's does (Python 3.11 on Debian bookworm, user 10001,
 MODELFLEET_CACHE_DIR, HF_HOME, `pip install .`), built from three layers, base first, each an
@@ -52,6 +52,7 @@ import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from e2e import oci
 from e2e.build import cache_root
@@ -108,11 +109,15 @@ class ImageError(RuntimeError):
 
 @dataclass(frozen=True)
 class BuiltImage:
-    """An image whose layers are in the cache. `size_bytes` is what its layer tars add up to."""
+    """An image whose layers are in the cache."""
 
     tag: str
     archive: oci.DockerArchive
-    size_bytes: int
+
+    @property
+    def size_bytes(self) -> int:
+        """What its layer tars add up to."""
+        return self.archive.layer_bytes
 
 
 @dataclass(frozen=True)
@@ -362,18 +367,36 @@ def _is_opaque(path: Path) -> bool:
     return False
 
 
-def pack_layer(src: Path, out: Path, *, skip_contents: tuple[str, ...] = ()) -> int:
-    """Write the tree at `src` as an uncompressed layer tar at `out`; return its size.
+class _HashingWriter:
+    """A binary file that hashes what is written to it (tarfile asks only write and tell)."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle, self.digest, self.size = handle, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.handle.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def pack_layer(src: Path, out: Path, *, skip_contents: tuple[str, ...] = ()) -> oci.Layer:
+    """Write the tree at `src` as an uncompressed layer tar at `out`; return it with its digest
+    (hashed as it is written, so a 6 GB layer is not read back).
 
     Overlay whiteouts (0/0 character devices) become `.wh.<name>` files and opaque directories
     get a `.wh..wh..opq` entry, as the image layer format wants. Owners are numeric; hard links
     stay links. Directories named in `skip_contents` (relative, e.g. "proc") go in empty.
     """
     partial = out.with_name(out.name + ".partial")
-    with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT, copybufsize=1 << 20) as tar:
-        _pack_dir(tar, src, "", set(skip_contents))
+    with partial.open("wb") as handle:
+        sink = _HashingWriter(handle)
+        with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT, copybufsize=1 << 20) as tar:
+            _pack_dir(tar, src, "", set(skip_contents))
     partial.replace(out)
-    return out.stat().st_size
+    return oci.Layer(out, sink.digest.hexdigest(), sink.size)
 
 
 def _pack_dir(tar: tarfile.TarFile, folder: Path, rel: str, skip_contents: set[str]) -> None:
@@ -417,8 +440,8 @@ def _layer_ready(folder: Path) -> bool:
     return (folder / "layer.tar").is_file() and (folder / "meta.json").is_file()
 
 
-def _finish_layer(partial: Path, final: Path, meta: dict) -> Path:
-    meta["sha256"] = oci.sha256_file(partial / "layer.tar")
+def _finish_layer(partial: Path, final: Path, layer: oci.Layer, meta: dict) -> Path:
+    meta |= {"size": layer.size, "sha256": layer.sha256}
     (partial / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
@@ -491,11 +514,11 @@ def build_base(key: str) -> Path:
     log(f"base: mmdebstrap done in {time.monotonic() - start:.0f}s")
     customize_base(rootfs)
     start = time.monotonic()
-    size = pack_layer(rootfs, partial / "layer.tar", skip_contents=("dev", "proc", "sys", "tmp"))
-    log(f"base: packed {size / 1e6:.0f} MB in {time.monotonic() - start:.0f}s")
+    layer = pack_layer(rootfs, partial / "layer.tar", skip_contents=("dev", "proc", "sys", "tmp"))
+    log(f"base: packed {layer.size / 1e6:.0f} MB in {time.monotonic() - start:.0f}s")
     python = subprocess.run(["chroot", str(rootfs), "python3", "--version"],
                             capture_output=True, text=True, check=False).stdout.strip()
-    return _finish_layer(partial, final, {"key": key, "size": size, "python": python})
+    return _finish_layer(partial, final, layer, {"key": key, "python": python})
 
 
 def customize_base(rootfs: Path) -> None:
@@ -561,10 +584,10 @@ def build_deps(key: str, base: Path, root: Path = ROOT) -> Path:
     log(f"deps: pip install done in {time.monotonic() - start:.0f}s")
     clean_upper(upper)
     start = time.monotonic()
-    size = pack_layer(upper, partial / "layer.tar")
-    log(f"deps: packed {size / 1e9:.2f} GB in {time.monotonic() - start:.0f}s")
-    return _finish_layer(partial, final, {"key": key, "size": size, "requirements": reqs,
-                                          "installed": installed_versions(upper)})
+    layer = pack_layer(upper, partial / "layer.tar")
+    log(f"deps: packed {layer.size / 1e9:.2f} GB in {time.monotonic() - start:.0f}s")
+    return _finish_layer(partial, final, layer, {"key": key, "requirements": reqs,
+                                                 "installed": installed_versions(upper)})
 
 
 def installed_versions(upper: Path) -> dict[str, str]:
@@ -612,11 +635,11 @@ def build_project(key: str, base: Path, deps: Path, root: Path = ROOT) -> Path:
     log(f"project: installed in {time.monotonic() - start:.0f}s")
     clean_upper(upper)
     start = time.monotonic()
-    size = pack_layer(upper, partial / "layer.tar")
-    log(f"project: packed {size / 1e6:.1f} MB in {time.monotonic() - start:.1f}s")
+    layer = pack_layer(upper, partial / "layer.tar")
+    log(f"project: packed {layer.size / 1e6:.1f} MB in {time.monotonic() - start:.1f}s")
     shutil.rmtree(upper)
     shutil.rmtree(src)
-    return _finish_layer(partial, final, {"key": key, "size": size})
+    return _finish_layer(partial, final, layer, {"key": key})
 
 
 # -- the image ------------------------------------------------------------------------------------
@@ -635,8 +658,8 @@ def _build_lock() -> Iterator[None]:
 
 
 def _assemble(tag: str, folders: list[Path], root: Path) -> BuiltImage:
-    archive = oci.DockerArchive(tag, tuple(layer_of(f) for f in folders), image_config(project_version(root)))
-    return BuiltImage(tag, archive, archive.layer_bytes)
+    layers = tuple(layer_of(f) for f in folders)
+    return BuiltImage(tag, oci.DockerArchive(tag, layers, image_config(project_version(root))))
 
 
 def _drop_copies(deps: Path) -> None:

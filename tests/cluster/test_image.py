@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from e2e import image  # noqa: E402
+from e2e import image, oci  # noqa: E402
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -305,7 +305,8 @@ def test_a_packed_upper_directory_unpacks_to_the_same_layer(tmp_path: Path) -> N
     os.chown(upper / "bin" / "tool", 10001, 10001)
     (upper / "bin" / "link").symlink_to("tool")
     os.utime(upper / "bin", (1_600_000_000, 1_600_000_000))  # as a lower's directory copied up
-    image.pack_layer(upper, tmp_path / "first.tar")
+    packed = image.pack_layer(upper, tmp_path / "first.tar")
+    assert packed == oci.Layer.of(tmp_path / "first.tar"), "the digest taken while writing is the file's"
     restored = tmp_path / "restored"
     image.restore_upper(tmp_path / "first.tar", restored)
     gone = (restored / "gone").lstat()
