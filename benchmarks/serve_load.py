@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,14 @@ def make_prompts(n: int) -> list[str]:
     return [" ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(8 + (i * 5) % 33)) for i in range(n)]
 
 
+def cpu_busy_s() -> float:
+    """Busy CPU time of this machine so far, every core and process (/proc/stat). CPU per
+    request moves far less than tokens/s on a machine whose speed drifts between runs."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -69,6 +78,10 @@ class Level:
     itl: list[float] = field(default_factory=list)
     offline_tokens: int = 0
     offline_wall_s: float = 0.0
+    cpu_s: float = 0.0
+    """Busy CPU time of the whole machine during the served run (server, engine, load generator)."""
+    offline_cpu_s: float = 0.0
+    offline_requests: int = 0
 
     @property
     def tok_s(self) -> float:
@@ -90,6 +103,10 @@ class Level:
             "ttft_p99_s": round(pct(self.ttft, 99), 4),
             "itl_p50_s": round(pct(self.itl, 50), 5),
             "itl_p99_s": round(pct(self.itl, 99), 5),
+            "cpu_ms_per_request": round(1000 * self.cpu_s / self.requests, 2) if self.requests else None,
+            "offline_cpu_ms_per_request": (
+                round(1000 * self.offline_cpu_s / self.offline_requests, 2) if self.offline_requests else None
+            ),
         }
 
 
@@ -154,9 +171,10 @@ async def served_level(base: str, model: str, prompts: list[str], c: int, max_to
                 }
                 await one_stream(session, url, body, level)
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_busy_s()
         await asyncio.gather(*(worker() for _ in range(c)))
         level.wall_s = time.perf_counter() - t0
+        level.cpu_s = cpu_busy_s() - cpu0
     return level
 
 
@@ -173,9 +191,11 @@ async def offline_level(engine: Any, prompts: list[str], c: int, max_tokens: int
                 if out.finish_reason is not None:
                     level.offline_tokens += out.usage.completion_tokens
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_busy_s()
     await asyncio.gather(*(worker() for _ in range(c)))
     level.offline_wall_s = time.perf_counter() - t0
+    level.offline_cpu_s = cpu_busy_s() - cpu0
+    level.offline_requests = len(prompts)
 
 
 def free_port() -> int:
@@ -184,14 +204,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_endpoint(model_uri: str, max_num_seqs: int, engine_process: bool = True) -> tuple[str, str]:
+def start_endpoint(
+    model_uri: str, max_num_seqs: int, engine_process: bool = True, http_proxy: str = "auto"
+) -> tuple[str, str, str]:
     import ray
     from ray import serve
 
     from modelfleet.serving.app import build_application
     from modelfleet.serving.settings import ServeSettings, apply_serve_process_env
 
-    apply_serve_process_env()  # as `modelfleet serve` does
+    proxy = apply_serve_process_env(http_proxy)  # as `modelfleet serve` does
     ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
@@ -218,7 +240,7 @@ def start_endpoint(model_uri: str, max_num_seqs: int, engine_process: bool = Tru
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    return base, "bench"
+    return base, "bench", proxy
 
 
 def stop_endpoint() -> None:
@@ -300,6 +322,10 @@ async def run(args: argparse.Namespace) -> list[Level]:
             level = max(runs, key=lambda r: r.tok_s)  # with its own latencies
             best = max(runs, key=lambda r: r.offline_tok_s)
             level.offline_tokens, level.offline_wall_s = best.offline_tokens, best.offline_wall_s
+            # CPU per request: the median of the runs of each side
+            level.cpu_s = statistics.median(r.cpu_s * level.requests / max(r.requests, 1) for r in runs)
+            level.offline_cpu_s = statistics.median(r.offline_cpu_s for r in runs)
+            level.offline_requests = best.offline_requests
             level.errors = sum(r.errors for r in runs)  # every error counts
             levels.append(level)
             print(json.dumps(level.summary()), file=sys.stderr, flush=True)
@@ -331,6 +357,12 @@ def main() -> int:
         action="store_true",
         help="serve with the engine on a thread of the replica instead of a process of its own",
     )
+    p.add_argument(
+        "--http-proxy",
+        choices=("auto", "haproxy", "ray"),
+        default="auto",
+        help="what the local endpoint listens with, as `modelfleet serve --http-proxy`",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line last")
     p.add_argument("--plot", type=Path, default=OUT / "serve_load.png")
     args = p.parse_args()
@@ -338,10 +370,13 @@ def main() -> int:
         # Requests as long as the full sweep's: shorter ones measure the ramp of each level
         # (every stream's first token at once) more than its steady state.
         args.rounds, args.min_requests = 2, 8
-    started = None
+    started, proxy = None, "external"
     if args.url is None:
-        args.url, args.model = start_endpoint(args.model_uri, args.max_num_seqs, not args.engine_thread)
+        args.url, args.model, proxy = start_endpoint(
+            args.model_uri, args.max_num_seqs, not args.engine_thread, args.http_proxy
+        )
         started = True
+        print(f"endpoint {args.url}, HTTP proxy: {proxy}", file=sys.stderr, flush=True)
     try:
         levels = asyncio.run(run(args))
     finally:
@@ -350,7 +385,7 @@ def main() -> int:
     plot(levels, args.plot)
     print(
         f"\n{'streams':>7} {'served tok/s':>12} {'offline tok/s':>13} {'ratio':>6} {'TTFT p50':>9} "
-        f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'errors':>6}"
+        f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'errors':>6}  CPU ms/request served / offline"
     )
     for lv in levels:
         s = lv.summary()
@@ -358,7 +393,8 @@ def main() -> int:
         print(
             f"{s['concurrency']:>7} {s['tok_s']:>12.1f} {s['offline_tok_s']:>13.1f} {ratio:>6.2f} "
             f"{s['ttft_p50_s'] * ms:>7.1f}ms {s['ttft_p99_s'] * ms:>7.1f}ms {s['itl_p50_s'] * ms:>6.2f}ms "
-            f"{s['itl_p99_s'] * ms:>6.2f}ms {s['errors']:>6}"
+            f"{s['itl_p99_s'] * ms:>6.2f}ms {s['errors']:>6}  "
+            f"{s['cpu_ms_per_request'] or 0:.1f} / {s['offline_cpu_ms_per_request'] or 0:.1f}"
         )
     print(f"plot: {args.plot}")
     key = next((lv for lv in levels if lv.concurrency == 32), levels[-1]).summary()
@@ -374,6 +410,9 @@ def main() -> int:
                     "itl_p50_s": key["itl_p50_s"],
                     "itl_p99_s": key["itl_p99_s"],
                     "concurrency": key["concurrency"],
+                    "cpu_ms_per_request": key["cpu_ms_per_request"],
+                    "offline_cpu_ms_per_request": key["offline_cpu_ms_per_request"],
+                    "http_proxy": proxy,
                     "errors": sum(lv.errors for lv in levels),
                     "levels": [lv.summary() for lv in levels],
                 }

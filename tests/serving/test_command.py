@@ -1,6 +1,6 @@
 """`modelfleet serve -f examples/tiny.yaml`, as a user runs it: it prints the endpoint with
-examples once the model is ready, serves the official client, and Ctrl-C leaves no Ray
-process behind."""
+examples once the model is ready, serves the official client, and Ctrl-C leaves no Ray or
+HAProxy process behind."""
 
 from __future__ import annotations
 
@@ -32,8 +32,22 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+def _haproxy_configs() -> set[str]:
+    """The config files of the HAProxy processes running now (one per Serve instance)."""
+    configs = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if args and args[0].endswith(b"haproxy") and b"-f" in args[:-1]:
+            configs.add(args[args.index(b"-f") + 1].decode(errors="replace"))
+    return configs
+
+
 def test_serve_tiny_manifest_then_ctrl_c():
     port = free_port()
+    haproxy_before = _haproxy_configs()  # this session's own Serve instance runs one
     ray_tmp = tempfile.mkdtemp(prefix="mf", dir="/tmp")  # short: Ray puts sockets under it
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     env.pop("MODELFLEET_API_KEY", None)
@@ -60,6 +74,9 @@ def test_serve_tiny_manifest_then_ctrl_c():
         banner = "".join(out)
         assert f"http://127.0.0.1:{port}/v1" in banner
         assert "curl " in banner and "from openai import OpenAI" in banner
+        # ray[serve] brings an HAProxy binary on Linux, so `auto` puts HAProxy on the port.
+        assert "proxy     HAProxy" in banner
+        assert _haproxy_configs() - haproxy_before, "no HAProxy process of its own"
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny"]
         chat = client.chat.completions.create(
@@ -79,3 +96,4 @@ def test_serve_tiny_manifest_then_ctrl_c():
     while _processes_mentioning(ray_tmp) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _processes_mentioning(ray_tmp) == []
+    assert _haproxy_configs() <= haproxy_before, "HAProxy left running"

