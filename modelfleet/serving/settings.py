@@ -90,19 +90,35 @@ _WRAPPER_PREFIX = "modelfleet-haproxy-"
 
 
 def local_haproxy(real: str) -> str:
-    """The wrapper around the HAProxy binary `real` (above), written once per binary into the
-    temp directory; a path that already is such a wrapper is returned as it is."""
+    """The wrapper around the HAProxy binary `real` (above), written once per binary under this
+    user's cache directory (`$MODELFLEET_CACHE_DIR`, else ~/.cache/modelfleet; a private temp
+    directory when that is not writable), never at a name others could plant in /tmp. A path
+    that already is such a wrapper is returned as it is."""
     if os.path.basename(real).startswith(_WRAPPER_PREFIX):
         return real
     text = _HAPROXY_WRAPPER.format(real=shlex.quote(real))
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    path = os.path.join(tempfile.gettempdir(), f"{_WRAPPER_PREFIX}{os.getuid()}-{digest}")
-    if not os.path.exists(path):
-        fd, tmp = tempfile.mkstemp(prefix=_WRAPPER_PREFIX, dir=os.path.dirname(path))
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, path)
+    name = _WRAPPER_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:12]
+    root = os.environ.get("MODELFLEET_CACHE_DIR") or os.path.expanduser("~/.cache/modelfleet")
+    try:
+        return _write_executable(os.path.join(root, "bin"), name, text)
+    except OSError:
+        return _write_executable(tempfile.mkdtemp(prefix="modelfleet-"), name, text)
+
+
+def _write_executable(folder: str, name: str, text: str) -> str:
+    path = os.path.join(folder, name)
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return path
+    except OSError:
+        pass
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=name, dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, path)
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import tempfile
 import time
 from pathlib import Path
 
@@ -426,6 +427,8 @@ def test_haproxy_listens_beside_the_api_only_on_localhost_and_free_ports(proxy_e
         "listen stats\n  bind *:8404\n  stats enable\n"
     )
     wrapper = os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    assert not wrapper.startswith(tempfile.gettempdir() + "/modelfleet-haproxy"), "a name others could plant"
+    assert os.stat(wrapper).st_uid == os.getuid() and os.access(wrapper, os.X_OK)
     out = subprocess.run([wrapper, "-c", "-f", str(config)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     binds = [line.split()[1] for line in config.read_text().splitlines() if line.strip().startswith("bind")]
