@@ -126,14 +126,14 @@ def _settings(md: Any, args: argparse.Namespace) -> Any:
     return settings
 
 
-def _run(settings: Any, host: str, port: int, proxy: str = "auto") -> int:
+def _run(settings: Any, host: str, port: int, proxy: str) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
     started = False
     try:
         with console.status("Starting a local Ray instance...") as status:
-            proxy = _start_ray(settings, proxy)
+            _start_ray(settings, proxy)
             started = True
             _stop_on_signals()
             status.update("Deploying the application...")
@@ -164,8 +164,9 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
-def _start_ray(settings: Any, proxy: str) -> str:
-    """Starts Ray for the application; returns the HTTP proxy the Serve instance will use."""
+def _start_ray(settings: Any, proxy: str) -> None:
+    """Starts Ray for the application, its Serve processes set up for `proxy` (as chosen by
+    choose_http_proxy)."""
     import ray
 
     from modelfleet.serving.placement import cpus_needed
@@ -187,7 +188,7 @@ def _start_ray(settings: Any, proxy: str) -> str:
     # Logical CPUs: enough for every replica's CPU bundles even on a small machine; the
     # replicas share the real cores.
     cpus = max(os.cpu_count() or 1, cpus_needed(settings.tensor_parallel_size, settings.replicas))
-    proxy = apply_serve_process_env(proxy)
+    apply_serve_process_env(proxy)
     # Ray's token authentication stays on (its default for local clusters): ray.init
     # makes a token, so other users of this machine cannot drive the cluster.
     ray.init(
@@ -198,7 +199,6 @@ def _start_ray(settings: Any, proxy: str) -> str:
         logging_level=logging.WARNING,
         configure_logging=True,
     )
-    return proxy
 
 
 def _deploy(settings: Any, host: str, port: int) -> None:

@@ -26,8 +26,6 @@ from modelfleet.operator.reconcile import Reconciler
 from modelfleet.operator.settings import OperatorSettings
 from modelfleet.serving.settings import HAPROXY_ENV, SERVE_PROCESS_ENV
 
-LOCAL_PROXY_ENV = set(HAPROXY_ENV)
-
 HEAD = textwrap.dedent(
     """
     import logging, sys, ray
@@ -62,7 +60,7 @@ def ray_head() -> Iterator[tuple[int, str]]:
     port = free_port()
     # As in the pods: Serve's settings of SERVE_PROCESS_ENV and Ray Serve's own HTTP proxy, not
     # the HAProxy mode this test process may have set up for its local Serve instance.
-    env = {k: v for k, v in os.environ.items() if "HAPROXY" not in k and k not in LOCAL_PROXY_ENV}
+    env = {k: v for k, v in os.environ.items() if "HAPROXY" not in k and k not in HAPROXY_ENV}
     env.update({**SERVE_PROCESS_ENV, "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"})
     proc = subprocess.Popen(
         [sys.executable, "-c", HEAD, str(port)],
