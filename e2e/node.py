@@ -50,7 +50,7 @@ Public API (used by e2e/cluster.py and the tests):
 
     ensure_packages(packages=PACKAGES) -> list[str]   apt-get what is missing
     plan_network(dir) -> NodeNetwork, node_name(dir) -> str
-    acquire_lock(dir), release_lock(dir), lock_holder() -> Path | None
+    clear_stale(dir), acquire_lock(dir), release_lock(dir), lock_holder() -> Path | None
     create_netns(net), delete_netns(), nsenter(*cmd) -> argv
     node_pki(pki_dir, server, net, name) -> paths; write_configs(...); kubelet_args(...)
     pause_image(out_dir) -> archive; busybox_image(out_dir, tag=BUSYBOX_IMAGE) -> archive
@@ -231,8 +231,11 @@ def holder_alive(dir: Path) -> bool:
     return any(_alive(pids[n]) for n in ("containerd", "kubelet") if n in pids)
 
 
-def acquire_lock(dir: Path) -> None:
-    """Take the machine's one node slot for `dir`; clean up after a holder that died."""
+def clear_stale(dir: Path) -> list[str]:
+    """Remove what a node that died (its run killed) left on the machine; `dir` is ours.
+
+    Raises NodeError when another node is alive. Returns what had to be removed.
+    """
     holder = lock_holder()
     if holder is not None and holder != dir and holder_alive(holder):
         raise NodeError(
@@ -241,9 +244,15 @@ def acquire_lock(dir: Path) -> None:
             f"`python -m e2e.cluster down --dir {holder}`"
         )
     if holder is not None:
-        cleanup(holder)
-    elif Path(f"/run/netns/{NETNS}").exists():
-        cleanup(dir)
+        return cleanup(holder)
+    if Path(f"/run/netns/{NETNS}").exists() or pod_cgroups():
+        return cleanup(dir)
+    return []
+
+
+def acquire_lock(dir: Path) -> None:
+    """Take the machine's one node slot for `dir`; clean up after a holder that died."""
+    clear_stale(dir)
     LOCK_FILE.write_text(json.dumps({"dir": str(dir), "pid": os.getpid()}))
 
 

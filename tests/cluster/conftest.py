@@ -106,7 +106,14 @@ def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         pytest.fail(f"binaries missing in {build.bin_dir()}: {', '.join(missing)}; "
                     "build them with `python -m e2e.build`", pytrace=False)
     started = Cluster(tmp_path_factory.mktemp("node-cluster"))
-    # test_node.py's last test compares the machine after `down` with this.
+    # test_node.py's last test compares the machine after `down` with this: first remove what
+    # a node whose run was killed left behind (`up` would remove it after the snapshot).
+    try:
+        cleared = node.clear_stale(started.dir)
+    except node.NodeError as err:
+        pytest.fail(str(err), pytrace=False)
+    if cleared:
+        print(f"removed what an earlier node left on this machine: {', '.join(cleared)}")
     (started.dir / "machine-before.json").write_text(json.dumps(node.machine_snapshot()))
     try:
         started.up(real_node=True)

@@ -2,8 +2,8 @@
 
 Pods run from a busybox image built here and imported into the node's containerd; logs,
 exec and port-forward go through kube-apiserver to the kubelet; a Service routes through
-kube-proxy's iptables rules and its name resolves through CoreDNS. The last test stops the
-cluster and checks that nothing of the node is left on the machine, so it runs last.
+kube-proxy's iptables rules and its name resolves through CoreDNS. The last two tests stop the
+cluster and check that nothing of the node is left on the machine, so they run last.
 """
 
 from __future__ import annotations
@@ -261,7 +261,8 @@ def test_a_second_node_is_refused_with_the_holder_named(node_cluster: Cluster, t
 
 
 def test_down_leaves_nothing(node_cluster: Cluster) -> None:
-    """Runs last: stops the session's node cluster and looks for anything left behind."""
+    """Runs after the other node tests: stops the session's node cluster and looks for anything
+    left behind."""
     assert node.leftovers(node_cluster.dir)["processes"], "the node should be running before down"
     stopped = node_cluster.down()
     assert {"containerd", "kubelet", "kube-proxy", "coredns", "kube-apiserver"} <= set(stopped), stopped
@@ -273,3 +274,36 @@ def test_down_leaves_nothing(node_cluster: Cluster) -> None:
     assert node.machine_snapshot() == before
     ip_netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert node.NETNS not in ip_netns
+
+
+def test_what_a_killed_run_left_is_cleared_before_the_next_node(
+        node_cluster: Cluster, tmp_path: Path) -> None:
+    """Runs after `down`: a run killed mid-way (no `down`) leaves the lock naming dead processes,
+    the node's namespace and veth, and mounts under its folder. The next node's start clears
+    them before it takes the machine's snapshot or the lock."""
+    before = node.machine_snapshot()
+    killed = tmp_path / "killed"
+    (killed / "node").mkdir(parents=True)
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    (killed / "cluster.json").write_text(
+        json.dumps({"pids": {"containerd": exited.pid, "kubelet": exited.pid}}))
+    node.LOCK_FILE.write_text(json.dumps({"dir": str(killed), "pid": exited.pid}))
+    try:
+        node.create_netns(node.plan_network(killed))
+        subprocess.run(["mount", "-t", "tmpfs", "modelfleet-test", str(killed / "node")], check=True)
+        left = node.leftovers(killed)
+        assert left["netns"] and left["interfaces"] and left["mounts"], left
+        assert not node.holder_alive(killed)
+
+        cleared = node.clear_stale(tmp_path / "next")
+
+        assert node.leftovers(killed) == {
+            "processes": [], "mounts": [], "netns": [], "interfaces": [], "cgroups": [],
+        }
+        assert any(c.startswith("netns") for c in cleared) and any("mounts" in c for c in cleared), cleared
+        assert node.lock_holder() is None
+        assert node.machine_snapshot() == before
+        assert node.clear_stale(tmp_path / "next") == []
+    finally:
+        node.cleanup(killed)
