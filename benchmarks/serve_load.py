@@ -82,6 +82,11 @@ class Level:
     """Busy CPU time of the whole machine during the served run (server, engine, load generator)."""
     offline_cpu_s: float = 0.0
     offline_requests: int = 0
+    # Means over the served run, from the endpoint's own histograms (None against an endpoint
+    # without them): how long a request took to reach a model replica, and its replica's time to
+    # first token. Together with the client's TTFT they say where a first token's time went.
+    ingress_wait_s: float | None = None
+    replica_ttft_s: float | None = None
 
     @property
     def tok_s(self) -> float:
@@ -107,7 +112,34 @@ class Level:
             "offline_cpu_ms_per_request": (
                 round(1000 * self.offline_cpu_s / self.offline_requests, 2) if self.offline_requests else None
             ),
+            "ingress_wait_mean_s": None if self.ingress_wait_s is None else round(self.ingress_wait_s, 4),
+            "replica_ttft_mean_s": None if self.replica_ttft_s is None else round(self.replica_ttft_s, 4),
         }
+
+
+HISTOGRAMS = {
+    "ingress_wait_s": "modelfleet_ingress_wait_seconds",
+    "replica_ttft_s": "modelfleet_time_to_first_token_seconds",
+}
+METRICS_PUSH_S = 1.0  # the replicas and the ingress push their series to the page this often
+
+
+def histogram_totals(base: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each of HISTOGRAMS on the endpoint's /metrics, over every replica."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    totals = {}
+    for family in text_string_to_metric_families(text):
+        for key, name in HISTOGRAMS.items():
+            if family.name == name:
+                total = sum(s.value for s in family.samples if s.name == name + "_sum")
+                count = sum(s.value for s in family.samples if s.name == name + "_count")
+                totals[key] = (total, count)
+    return totals
 
 
 async def one_stream(session: aiohttp.ClientSession, url: str, body: dict, level: Level) -> None:
@@ -171,10 +203,17 @@ async def served_level(base: str, model: str, prompts: list[str], c: int, max_to
                 }
                 await one_stream(session, url, body, level)
 
+        before = await asyncio.to_thread(histogram_totals, base)
         t0, cpu0 = time.perf_counter(), cpu_busy_s()
         await asyncio.gather(*(worker() for _ in range(c)))
         level.wall_s = time.perf_counter() - t0
         level.cpu_s = cpu_busy_s() - cpu0
+    await asyncio.sleep(METRICS_PUSH_S * 1.5)  # every series pushed since the last request
+    after = await asyncio.to_thread(histogram_totals, base)
+    for key in HISTOGRAMS:
+        if key in before and key in after and after[key][1] > before[key][1]:
+            (s0, n0), (s1, n1) = before[key], after[key]
+            setattr(level, key, (s1 - s0) / (n1 - n0))
     return level
 
 
@@ -334,6 +373,10 @@ async def run(args: argparse.Namespace) -> list[Level]:
     return levels
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:.1f}"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="a running endpoint (default: start a local one)")
@@ -386,6 +429,7 @@ def main() -> int:
     print(
         f"\n{'streams':>7} {'served tok/s':>12} {'offline tok/s':>13} {'ratio':>6} {'TTFT p50':>9} "
         f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'errors':>6}  CPU ms/request served / offline"
+        "   mean ms to reach a replica / replica TTFT"
     )
     for lv in levels:
         s = lv.summary()
@@ -395,6 +439,7 @@ def main() -> int:
             f"{s['ttft_p50_s'] * ms:>7.1f}ms {s['ttft_p99_s'] * ms:>7.1f}ms {s['itl_p50_s'] * ms:>6.2f}ms "
             f"{s['itl_p99_s'] * ms:>6.2f}ms {s['errors']:>6}  "
             f"{s['cpu_ms_per_request'] or 0:.1f} / {s['offline_cpu_ms_per_request'] or 0:.1f}"
+            f"   {_ms(s['ingress_wait_mean_s'])} / {_ms(s['replica_ttft_mean_s'])}"
         )
     print(f"plot: {args.plot}")
     key = next((lv for lv in levels if lv.concurrency == 32), levels[-1]).summary()
@@ -412,6 +457,8 @@ def main() -> int:
                     "concurrency": key["concurrency"],
                     "cpu_ms_per_request": key["cpu_ms_per_request"],
                     "offline_cpu_ms_per_request": key["offline_cpu_ms_per_request"],
+                    "ingress_wait_mean_s": key["ingress_wait_mean_s"],
+                    "replica_ttft_mean_s": key["replica_ttft_mean_s"],
                     "http_proxy": proxy,
                     "errors": sum(lv.errors for lv in levels),
                     "levels": [lv.summary() for lv in levels],

@@ -198,8 +198,10 @@ class OpenAIIngress:
         too; past the cold-start timeout with no replica ready the call gets a 503.
         """
         self.metrics.hold()
+        t0 = time.perf_counter()
         try:
             await self._no_replica_timeout(_assigned(response))
+            self.metrics.wait.observe(time.perf_counter() - t0)
         except BaseException:
             response.cancel()
             raise

@@ -120,6 +120,16 @@ class IngressMetrics:
         # over a deployment is its whole queue.
         queue = Gauge("modelfleet_queue_depth", QUEUE_DEPTH_HELP, LABELS, registry=self.registry)
         self._queue = queue.labels(*self._labels)
+        # With the replicas' TTFT (admission to first token) it splits the TTFT a client sees:
+        # the time to reach a replica, and the time in its engine.
+        self.wait = Histogram(
+            "modelfleet_ingress_wait_seconds",
+            "From a request's arrival at the ingress until a model replica took it: Serve's routing, "
+            "the trip to the replica and its acceptance (all of it while no replica is ready).",
+            LABELS,
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        ).labels(*self._labels)
 
     def hold(self) -> None:
         self._set_held(self.held + 1)

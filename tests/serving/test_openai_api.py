@@ -280,11 +280,20 @@ def test_metrics_page(serving):
 
     serving.main.client().completions.create(model="tiny", prompt="Count me", max_tokens=4)
 
+    def waits(text: str) -> float:
+        """How many requests the ingress timed on their way to a replica (its histogram's count)."""
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith('modelfleet_ingress_wait_seconds_count{model_deployment="main"')
+        )
+
     def page() -> str | None:
         text = serving.main.metrics()
         return (
             text
             if 'status="200"' in text and "modelfleet_time_to_first_token_seconds_count" in text
+            and waits(text) >= 1
             else None
         )
 
@@ -294,6 +303,9 @@ def test_metrics_page(serving):
     assert 'modelfleet_replicas_ready{model_deployment="main",namespace="default"} 1.0' in text
     assert 'modelfleet_queue_depth{model_deployment="main",namespace="default",replica=' in text
     assert "modelfleet_inter_token_latency_seconds_bucket" in text
+    # The ingress timed how long the request took to reach a replica (page() waited for it).
+    assert "# TYPE modelfleet_ingress_wait_seconds histogram" in text
+    assert "modelfleet_ingress_wait_seconds_bucket{" in text
 
 
 def test_a_stream_sends_its_opening_with_the_first_token_and_its_closing_with_the_last(serving):
