@@ -245,7 +245,7 @@ def clear_stale(dir: Path) -> list[str]:
         )
     if holder is not None:
         return cleanup(holder)
-    if Path(f"/run/netns/{NETNS}").exists() or pod_cgroups():
+    if Path(f"/run/netns/{NETNS}").exists():
         return cleanup(dir)
     return []
 
