@@ -316,6 +316,14 @@ def plot(levels: list[Level], path: Path) -> None:
     a.grid(alpha=0.3)
     b.plot(xs, [pct(lv.ttft, 50) * 1000 for lv in levels], "o-", label="TTFT p50")
     b.plot(xs, [pct(lv.ttft, 99) * 1000 for lv in levels], "s--", label="TTFT p99")
+    # Where the first token's time went, from the endpoint's own histograms (means).
+    for key, style, label in (
+        ("ingress_wait_s", "^:", "to reach a replica (mean)"),
+        ("replica_ttft_s", "v:", "in the replica (mean)"),
+    ):
+        points = [(lv.concurrency, getattr(lv, key) * 1000) for lv in levels if getattr(lv, key) is not None]
+        if points:
+            b.plot(*zip(*points, strict=True), style, label=label)
     b.set(xscale="log", xlabel="concurrent streams", ylabel="ms", title="Time to first token (served)")
     b.set_xticks(xs, [str(x) for x in xs])
     b.legend()
