@@ -22,6 +22,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def per_replica(page: str, metric: str) -> dict[str, float]:
+    """One series' value per `replica` label on a metrics page (`metric` is a sample name:
+    a gauge's, or a histogram's `_count` or `_sum`)."""
+    out = {}
+    for line in page.splitlines():
+        if line.startswith(metric + "{"):
+            labels, value = line.rsplit(" ", 1)
+            out[labels.split('replica="', 1)[1].split('"', 1)[0]] = float(value)
+    return out
+
+
 def eventually(check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.25) -> Any:
     """Poll until `check()` returns a truthy value; fail with the last value or error."""
     deadline = time.monotonic() + timeout

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from serving_support import Serving, eventually
+from serving_support import Serving, eventually, per_replica
 
 from e2e.load import stream_burst
 from e2e.prometheus import PrometheusServer
@@ -137,10 +137,7 @@ def test_burst_scales_up_then_steps_down_without_failures(auto_app, tmp_path):
 
 def held_gauge(page: str) -> float | None:
     """modelfleet_ingress_waiting_requests on a metrics page (None when absent)."""
-    for line in page.splitlines():
-        if line.startswith("modelfleet_ingress_waiting_requests{"):
-            return float(line.rsplit(" ", 1)[1])
-    return None
+    return next(iter(per_replica(page, "modelfleet_ingress_waiting_requests").values()), None)
 
 
 def test_scaled_to_zero_a_request_is_held_then_answered_503_after_the_cold_start_timeout(serving: Serving):

@@ -12,7 +12,7 @@ import threading
 
 import httpx
 import openai
-from serving_support import eventually
+from serving_support import eventually, per_replica
 
 LONG = {"model": "small", "prompt": "Go on and on", "max_tokens": 1500, "stream": True, "ignore_eos": True}
 
@@ -54,21 +54,11 @@ def _idle(app) -> dict | None:
     return st if st["waiting"] == 0 and st["running"] == 0 and st["engine_running"] == 0 else None
 
 
-def gauge(page: str, metric: str) -> dict[str, float]:
-    """One gauge's value per `replica` label on a metrics page."""
-    out = {}
-    for line in page.splitlines():
-        if line.startswith(metric + "{"):
-            labels, value = line.rsplit(" ", 1)
-            out[labels.split('replica="', 1)[1].split('"', 1)[0]] = float(value)
-    return out
-
-
 def queue(app) -> tuple[float, float]:
     """(waiting at the replicas, held at the ingress) as the metrics page says."""
     page = app.metrics()
-    held = gauge(page, "modelfleet_ingress_waiting_requests")
-    depth = gauge(page, "modelfleet_queue_depth")
+    held = per_replica(page, "modelfleet_ingress_waiting_requests")
+    depth = per_replica(page, "modelfleet_queue_depth")
     return sum(v for k, v in depth.items() if k not in held), sum(held.values())
 
 

@@ -274,26 +274,19 @@ def test_health_and_ready(serving):
 
 
 def test_metrics_page(serving):
-    from serving_support import eventually
+    from serving_support import eventually, per_replica
 
     from modelfleet.serving.metrics import METRIC_NAMES
 
     serving.main.client().completions.create(model="tiny", prompt="Count me", max_tokens=4)
-
-    def waits(text: str) -> float:
-        """How many requests the ingress timed on their way to a replica (its histogram's count)."""
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith('modelfleet_ingress_wait_seconds_count{model_deployment="main"')
-        )
 
     def page() -> str | None:
         text = serving.main.metrics()
         return (
             text
             if 'status="200"' in text and "modelfleet_time_to_first_token_seconds_count" in text
-            and waits(text) >= 1
+            # the ingress timed the request on its way to a replica (its histogram's count)
+            and sum(per_replica(text, "modelfleet_ingress_wait_seconds_count").values()) >= 1
             else None
         )
 
@@ -303,7 +296,7 @@ def test_metrics_page(serving):
     assert 'modelfleet_replicas_ready{model_deployment="main",namespace="default"} 1.0' in text
     assert 'modelfleet_queue_depth{model_deployment="main",namespace="default",replica=' in text
     assert "modelfleet_inter_token_latency_seconds_bucket" in text
-    # The ingress timed how long the request took to reach a replica (page() waited for it).
+    # The ingress' histogram of the time to reach a replica (page() waited for its count).
     assert "# TYPE modelfleet_ingress_wait_seconds histogram" in text
     assert "modelfleet_ingress_wait_seconds_bucket{" in text
 
