@@ -132,13 +132,13 @@ def histogram_totals(base: str) -> dict[str, tuple[float, float]]:
         text = httpx.get(f"{base}/metrics", timeout=10).text
     except httpx.HTTPError:
         return {}
+    keys = {name: key for key, name in HISTOGRAMS.items()}
     totals = {}
     for family in text_string_to_metric_families(text):
-        for key, name in HISTOGRAMS.items():
-            if family.name == name:
-                total = sum(s.value for s in family.samples if s.name == name + "_sum")
-                count = sum(s.value for s in family.samples if s.name == name + "_count")
-                totals[key] = (total, count)
+        if family.name in keys:
+            total = sum(s.value for s in family.samples if s.name == family.name + "_sum")
+            count = sum(s.value for s in family.samples if s.name == family.name + "_count")
+            totals[keys[family.name]] = (total, count)
     return totals
 
 

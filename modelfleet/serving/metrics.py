@@ -124,8 +124,9 @@ class IngressMetrics:
         # the time to reach a replica, and the time in its engine.
         self.wait = Histogram(
             "modelfleet_ingress_wait_seconds",
-            "From a request's arrival at the ingress until a model replica took it: Serve's routing, "
-            "the trip to the replica and its acceptance (all of it while no replica is ready).",
+            "From the ingress handing a checked request to Serve's router until a model replica took "
+            "it: the routing, the trip to the replica and its acceptance (all of it while no replica "
+            "is ready).",
             LABELS,
             buckets=TTFT_BUCKETS,
             registry=self.registry,
