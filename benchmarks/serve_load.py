@@ -244,20 +244,40 @@ def free_port() -> int:
 
 
 def start_endpoint(
-    model_uri: str, max_num_seqs: int, engine_process: bool = True, http_proxy: str = "auto"
-) -> tuple[str, str, str]:
+    model_uri: str,
+    max_num_seqs: int,
+    engine_process: bool = True,
+    http_proxy: str = "auto",
+    cpu_binding: str = "off",
+) -> tuple[str, str, str, str]:
     import ray
     from ray import serve
 
+    from modelfleet.cpus import bind, plan_cpus
     from modelfleet.serving.app import build_application
     from modelfleet.serving.settings import ServeSettings, apply_serve_process_env
 
     proxy = apply_serve_process_env(http_proxy)  # as `modelfleet serve` does
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    # `modelfleet serve --cpu-binding auto`: Ray's processes start on the serving cores
+    # and the engine process binds itself to the others. This process (the load generator and
+    # the offline engine) goes back to every core once Ray has started.
+    mine = os.sched_getaffinity(0)
+    plan = plan_cpus(mine) if cpu_binding == "auto" and engine_process else None
+    if plan is not None and not bind(plan.serving, "serving processes"):
+        plan = None
+    try:
+        ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    finally:
+        os.sched_setaffinity(0, mine)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     settings = ServeSettings(
-        name="bench", model=model_uri, max_num_seqs=max_num_seqs, device="cpu", engine_process=engine_process
+        name="bench",
+        model=model_uri,
+        max_num_seqs=max_num_seqs,
+        device="cpu",
+        engine_process=engine_process,
+        engine_cpus=plan.engine if plan else (),
     )
     serve.run_many(
         [
@@ -279,7 +299,7 @@ def start_endpoint(
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    return base, "bench", proxy
+    return base, "bench", proxy, plan.describe() if plan else "off"
 
 
 def stop_endpoint() -> None:
@@ -414,6 +434,12 @@ def main() -> int:
         default="auto",
         help="what the local endpoint listens with, as `modelfleet serve --http-proxy`",
     )
+    p.add_argument(
+        "--cpu-binding",
+        choices=("off", "auto"),
+        default="off",
+        help="the local endpoint's CPU binding, as `modelfleet serve --cpu-binding`",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line last")
     p.add_argument("--plot", type=Path, default=OUT / "serve_load.png")
     args = p.parse_args()
@@ -421,13 +447,13 @@ def main() -> int:
         # Requests as long as the full sweep's: shorter ones measure the ramp of each level
         # (every stream's first token at once) more than its steady state.
         args.rounds, args.min_requests = 2, 8
-    started, proxy = None, "external"
+    started, proxy, binding = None, "external", "external"
     if args.url is None:
-        args.url, args.model, proxy = start_endpoint(
-            args.model_uri, args.max_num_seqs, not args.engine_thread, args.http_proxy
+        args.url, args.model, proxy, binding = start_endpoint(
+            args.model_uri, args.max_num_seqs, not args.engine_thread, args.http_proxy, args.cpu_binding
         )
         started = True
-        print(f"endpoint {args.url}, HTTP proxy: {proxy}", file=sys.stderr, flush=True)
+        print(f"endpoint {args.url}, HTTP proxy: {proxy}, CPUs: {binding}", file=sys.stderr, flush=True)
     try:
         levels = asyncio.run(run(args))
     finally:
@@ -468,6 +494,7 @@ def main() -> int:
                     "ingress_wait_mean_s": key["ingress_wait_mean_s"],
                     "replica_ttft_mean_s": key["replica_ttft_mean_s"],
                     "http_proxy": proxy,
+                    "cpu_binding": binding,
                     "errors": sum(lv.errors for lv in levels),
                     "levels": [lv.summary() for lv in levels],
                 }

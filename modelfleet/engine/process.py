@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -110,7 +111,11 @@ def main(fd: int) -> None:
     """The child's entry point (`python -m modelfleet.engine.process FD`): its end of the
     client's socket pair is FD; the config comes first down it."""
     conn = Connection(fd)
-    config, threads, log_level = conn.recv()
+    config, threads, log_level, cpus = conn.recv()
+    if cpus:  # before torch starts its threads, so they inherit it
+        from modelfleet.cpus import bind
+
+        bind(cpus, "engine process")
     _engine_main(config, conn, threads, log_level)
 
 
@@ -227,9 +232,10 @@ class EngineProcess(EngineFrontend):
     in a thread from async code). Then `await start()` on the loop that will consume.
 
     `threads` is the child's torch thread count; by default torch's own, which follows the
-    OMP_NUM_THREADS the child inherits (Ray sets it to a replica's CPUs)."""
+    OMP_NUM_THREADS the child inherits (Ray sets it to a replica's CPUs). `cpus`, when given,
+    binds the child to those CPUs before torch starts (`modelfleet.cpus`)."""
 
-    def __init__(self, config: EngineConfig, threads: int | None = None) -> None:
+    def __init__(self, config: EngineConfig, threads: int | None = None, cpus: Iterable[int] = ()) -> None:
         self.config = config
         # A fresh interpreter rather than multiprocessing's spawn, which would re-run the
         # caller's main module (a script without a __main__ guard would start itself again).
@@ -240,7 +246,7 @@ class EngineProcess(EngineFrontend):
         )
         child.close()
         try:
-            self._conn.send((config, threads, logging.getLogger().getEffectiveLevel()))
+            self._conn.send((config, threads, logging.getLogger().getEffectiveLevel(), tuple(cpus)))
             kind, payload = self._conn.recv()
         except (EOFError, OSError):
             code = self._wait(10)

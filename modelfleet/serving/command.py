@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from modelfleet.cpus import BINDINGS, CpuPlan
 from modelfleet.serving.settings import API_KEY_ENV, HTTP_PROXIES, apply_serve_process_env, choose_http_proxy
 
 APP_ROUTE = "/"
@@ -53,6 +54,14 @@ def register(subparsers: Any) -> None:
         "is installed (ray[serve] brings one on Linux)",
     )
     p.add_argument(
+        "--cpu-binding",
+        choices=BINDINGS,
+        default="off",
+        help="off: every process shares every core; auto: when the model runs on this machine's "
+        "CPU, its engines get cores of their own and Ray and the HTTP path the rest (more tokens/s "
+        "once the load is steady, a longer time to first token when many requests arrive at once)",
+    )
+    p.add_argument(
         "--max-queue-depth", type=int, metavar="N", help="waiting requests per ready replica before 429"
     )
     p.add_argument(
@@ -79,7 +88,7 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"modelfleet serve: {err}", file=sys.stderr)
         return 2
     port = args.port or md.spec.service.port
-    return _run(settings, args.host, port, proxy)
+    return _run(settings, args.host, port, proxy, args.cpu_binding)
 
 
 def _deployment(args: argparse.Namespace) -> Any:
@@ -126,14 +135,14 @@ def _settings(md: Any, args: argparse.Namespace) -> Any:
     return settings
 
 
-def _run(settings: Any, host: str, port: int, proxy: str) -> int:
+def _run(settings: Any, host: str, port: int, proxy: str, cpu_binding: str = "off") -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
     started = False
     try:
         with console.status("Starting a local Ray instance...") as status:
-            _start_ray(settings, proxy)
+            settings, plan = _start_ray(settings, proxy, cpu_binding)
             started = True
             _stop_on_signals()
             status.update("Deploying the application...")
@@ -141,7 +150,7 @@ def _run(settings: Any, host: str, port: int, proxy: str) -> int:
             ok = _wait_until_ready(settings, host, port, status)
         if not ok:
             return 1
-        _print_ready(settings, host, port, proxy)
+        _print_ready(settings, host, port, proxy, plan)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -164,11 +173,14 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
-def _start_ray(settings: Any, proxy: str) -> None:
+def _start_ray(settings: Any, proxy: str, cpu_binding: str = "off") -> tuple[Any, CpuPlan | None]:
     """Starts Ray for the application, its Serve processes set up for `proxy` (as chosen by
-    choose_http_proxy)."""
+    choose_http_proxy). Returns the settings to deploy and the CPU binding it applied."""
+    import dataclasses
+
     import ray
 
+    from modelfleet.cpus import bind, plan_cpus
     from modelfleet.serving.placement import cpus_needed
 
     gpus = 0
@@ -189,6 +201,15 @@ def _start_ray(settings: Any, proxy: str) -> None:
     # replicas share the real cores.
     cpus = max(os.cpu_count() or 1, cpus_needed(settings.tensor_parallel_size, settings.replicas))
     apply_serve_process_env(proxy)
+    # With --cpu-binding auto on the CPU, the engines get cores of their own: this process and
+    # so every process Ray starts keep to the serving cores; each engine binds itself to the rest.
+    plan = None
+    if cpu_binding == "auto" and not gpus:
+        plan = plan_cpus(os.sched_getaffinity(0), settings.tensor_parallel_size, settings.replicas)
+    if plan is not None and bind(plan.serving, "serving processes"):
+        settings = dataclasses.replace(settings, engine_cpus=plan.engine)
+    else:
+        plan = None
     # Ray's token authentication stays on (its default for local clusters): ray.init
     # makes a token, so other users of this machine cannot drive the cluster.
     ray.init(
@@ -199,6 +220,7 @@ def _start_ray(settings: Any, proxy: str) -> None:
         logging_level=logging.WARNING,
         configure_logging=True,
     )
+    return settings, plan
 
 
 def _deploy(settings: Any, host: str, port: int) -> None:
@@ -255,11 +277,12 @@ def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
 
 
-def _print_ready(settings: Any, host: str, port: int, proxy: str) -> None:
+def _print_ready(settings: Any, host: str, port: int, proxy: str, plan: CpuPlan | None = None) -> None:
     base = f"http://{_client_host(host)}:{port}/v1"
     auth = ' -H "Authorization: Bearer $MODELFLEET_API_KEY"' if settings.api_key else ""
     key = 'os.environ["MODELFLEET_API_KEY"]' if settings.api_key else '"none"'
     replicas, tp = settings.replicas, settings.tensor_parallel_size
+    cpus = f"  cpus      {plan.describe()}\n" if plan else ""
     print(
         f"""
 {settings.served_name} is ready: {settings.model}, {replicas} replica(s) x TP {tp}
@@ -267,7 +290,7 @@ def _print_ready(settings: Any, host: str, port: int, proxy: str) -> None:
   endpoint  {base}
   health    http://{_client_host(host)}:{port}/health   ready: /ready   metrics: /metrics
   proxy     {PROXY_NAMES[proxy]}
-
+{cpus}
 Try it:
 
   curl {base}/chat/completions{auth} -H 'Content-Type: application/json' \\

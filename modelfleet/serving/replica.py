@@ -99,7 +99,8 @@ class ModelReplica:
         if s.engine_process and s.tensor_parallel_size == 1:
             from modelfleet.engine.process import EngineProcess
 
-            self.engine = await asyncio.to_thread(EngineProcess, cfg)  # torch loads in the child only
+            # torch loads in the child only
+            self.engine = await asyncio.to_thread(EngineProcess, cfg, cpus=s.engine_cpus)
         else:
             from modelfleet.engine.engine import LLMEngine
 

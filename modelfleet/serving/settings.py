@@ -222,6 +222,9 @@ class ServeSettings:
     engine_process: bool = True
     """With tensor_parallel_size 1, the engine steps in a child process of the replica rather
     than on a thread of it (no GIL shared with the replica's event loop)."""
+    engine_cpus: tuple[int, ...] = ()
+    """CPUs a one-rank engine process binds itself to; empty, no binding. `modelfleet serve
+    --cpu-binding auto` sets it on a CPU-only machine, with Ray's processes kept off them."""
     emulated_step_s: float = 0.0
     """Benchmarks on a CPU-only machine: every engine step lasts at least this long, asleep
     for the rest, like a device whose step time is fixed (see EngineConfig)."""
@@ -239,6 +242,10 @@ class ServeSettings:
             raise ValueError(f"replicas must be >= 0, got {self.replicas}")
         if self.stream_chunks_per_s <= 0:
             raise ValueError(f"stream_chunks_per_s must be > 0, got {self.stream_chunks_per_s}")
+        cpus = tuple(self.engine_cpus)  # a list, from a config's args
+        if any(not isinstance(c, int) or c < 0 for c in cpus):
+            raise ValueError(f"engine_cpus must be CPU numbers (ints >= 0), got {list(cpus)}")
+        object.__setattr__(self, "engine_cpus", cpus)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

@@ -124,6 +124,25 @@ async def test_shutdown_fails_what_is_in_flight_and_leaves_no_process():
     assert exited(pid) and not engine.alive()
 
 
+async def test_cpus_bind_the_child_and_all_its_threads():
+    """`cpus` binds the engine process before torch starts its threads; the caller keeps its
+    own CPUs. On a 2-core machine: the engine on one, the caller on both."""
+    mine = os.sched_getaffinity(0)
+    one = max(mine)
+    engine = await asyncio.to_thread(EngineProcess, EngineConfig(device="cpu", max_model_len=256), 2, [one])
+    try:
+        await engine.start()
+        sink = ListSink()
+        engine.submit("The river ran", GREEDY, sink)
+        await eventually(lambda: sink.items and sink.items[-1].finish_reason is not None)
+        threads = [int(t) for t in os.listdir(f"/proc/{engine.pid}/task")]
+        assert len(threads) >= 2  # torch's second thread exists, and is bound too
+        assert all(os.sched_getaffinity(t) == {one} for t in threads)
+        assert os.sched_getaffinity(0) == mine
+    finally:
+        await engine.shutdown()
+
+
 def test_a_script_without_a_main_guard_starts_one_engine_and_loads_no_torch(tmp_path):
     """The child is a fresh interpreter, not a re-run of the caller's main module; the
     caller's process never imports torch (the model lives in the child)."""

@@ -1,9 +1,10 @@
 """`modelfleet serve -f examples/tiny.yaml`, as a user runs it: it prints the endpoint with
-examples once the model is ready, serves the official client, and Ctrl-C leaves no Ray or
-HAProxy process behind."""
+examples once the model is ready, serves the official client, keeps the engine on cores of its
+own when asked (`--cpu-binding auto`), and Ctrl-C leaves no Ray or HAProxy process behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,7 +15,10 @@ import time
 from pathlib import Path
 
 import openai
+import pytest
 from serving_support import eventually, free_port
+
+from modelfleet.cpus import plan_cpus
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,14 +49,62 @@ def _haproxy_configs() -> set[str]:
     return configs
 
 
-def test_serve_tiny_manifest_then_ctrl_c():
+def _descendants(root: int) -> dict[int, str]:
+    """pid -> command line of every process below `root`."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = {}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in found:
+                try:
+                    cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                found[pid] = cmdline.replace(b"\0", b" ").decode(errors="replace")
+                frontier.append(pid)
+    return found
+
+
+def _check_cpu_binding(proc: subprocess.Popen, banner: str, binding: str) -> None:
+    """By default every process of the instance may run on every CPU. With `--cpu-binding
+    auto` on 2+ CPUs the engine process (every thread of it) has cores of its own and every
+    other process (the command, Ray's, HAProxy) keeps to the rest; on one CPU, no split."""
+    mine = os.sched_getaffinity(0)
+    plan = plan_cpus(mine) if binding == "auto" else None
+    processes = _descendants(proc.pid)
+    engines = [pid for pid, cmd in processes.items() if "modelfleet.engine.process" in cmd]
+    assert len(engines) == 1, processes
+    others = {pid: cmd for pid, cmd in processes.items() if pid not in engines}
+    assert any("ServeReplica" in cmd for cmd in others.values()), others
+    engine_cpus, serving_cpus = (set(plan.engine), set(plan.serving)) if plan else (mine, mine)
+    if plan is None:
+        assert "cpus " not in banner
+    else:
+        assert f"cpus      {plan.describe()}" in banner
+    for task in Path(f"/proc/{engines[0]}/task").iterdir():  # torch's threads too
+        assert os.sched_getaffinity(int(task.name)) == engine_cpus
+    for pid, cmd in [(proc.pid, "modelfleet serve"), *others.items()]:
+        with contextlib.suppress(ProcessLookupError):
+            assert os.sched_getaffinity(pid) == serving_cpus, cmd
+
+
+@pytest.mark.parametrize("binding", ["off", "auto"])
+def test_serve_tiny_manifest_then_ctrl_c(binding):
     port = free_port()
     haproxy_before = _haproxy_configs()  # this session's own Serve instance runs one
     ray_tmp = tempfile.mkdtemp(prefix="mf", dir="/tmp")  # short: Ray puts sockets under it
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     env.pop("MODELFLEET_API_KEY", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "modelfleet.cli", "serve", "-f", "examples/tiny.yaml", "--port", str(port)],
+        [sys.executable, "-m", "modelfleet.cli", "serve", "-f", "examples/tiny.yaml", "--port", str(port)]
+        + ([] if binding == "off" else ["--cpu-binding", binding]),
         cwd=REPO,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -77,6 +129,7 @@ def test_serve_tiny_manifest_then_ctrl_c():
         # ray[serve] brings an HAProxy binary on Linux, so `auto` puts HAProxy on the port.
         assert "proxy     HAProxy" in banner
         assert _haproxy_configs() - haproxy_before, "no HAProxy process of its own"
+        _check_cpu_binding(proc, banner, binding)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny"]
         chat = client.chat.completions.create(
