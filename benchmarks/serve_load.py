@@ -4,7 +4,8 @@ For each concurrency level (closed loop: N streams, each sending its next reques
 last one ends) it measures output tokens/s, time to first token, inter-token latency and
 errors through the HTTP endpoint (an aiohttp client), then runs the same requests through an in-process
 LLMEngine at the same concurrency. The serving overhead is served tokens/s over offline
-tokens/s. Without --url it starts its own local Serve application of the tiny model.
+tokens/s. Without --url it starts `modelfleet serve` on the tiny model in a process of its
+own, as a user runs it, and stops it with Ctrl-C at the end.
 
     python benchmarks/serve_load.py                    # full sweep, plot in benchmarks/out/
     python benchmarks/serve_load.py --quick --json     # about a minute; last line is JSON
@@ -18,8 +19,11 @@ import asyncio
 import json
 import logging
 import os
+import re
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -243,6 +247,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_command_endpoint(
+    model_uri: str, max_num_seqs: int, http_proxy: str = "auto", cpu_binding: str = "off"
+) -> tuple[str, str, str, str, subprocess.Popen]:
+    """`modelfleet serve` in a process of its own, as a user runs it: the load generator and
+    the offline engine then share no process (and no GIL) with Ray's driver."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    manifest = OUT / "serve_load_endpoint.yaml"
+    manifest.write_text(
+        json.dumps(  # JSON is YAML
+            {
+                "apiVersion": "modelfleet.dev/v1alpha1",
+                "kind": "ModelDeployment",
+                "metadata": {"name": "bench"},
+                "spec": {"model": {"uri": model_uri}, "engine": {"maxNumSeqs": max_num_seqs}, "replicas": 1},
+            }
+        )
+    )
+    port = free_port()
+    log_path = OUT / "serve_load_endpoint.log"
+    cmd = [sys.executable, "-m", "modelfleet.cli", "serve", "-f", str(manifest), "--port", str(port)]
+    cmd += ["--device", "cpu", "--http-proxy", http_proxy, "--cpu-binding", cpu_binding]
+    print(f"starting: modelfleet serve (log: {log_path})", file=sys.stderr, flush=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while "Press Ctrl-C" not in log_path.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_command_endpoint(proc)
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise SystemExit(f"modelfleet serve did not become ready:\n{tail}")
+        time.sleep(0.5)
+    banner = log_path.read_text(errors="replace")
+    proxy = "haproxy" if "proxy     HAProxy" in banner else "ray"
+    cpus = re.search(r"^  cpus      (.+)$", banner, re.MULTILINE)
+    return base, "bench", proxy, cpus.group(1) if cpus else "off", proc
+
+
+def stop_command_endpoint(proc: subprocess.Popen) -> None:
+    """Ctrl-C, as a user stops it; killed if it has not stopped within a minute."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def start_endpoint(
     model_uri: str,
     max_num_seqs: int,
@@ -429,6 +482,14 @@ def main() -> int:
         help="serve with the engine on a thread of the replica instead of a process of its own",
     )
     p.add_argument(
+        "--endpoint",
+        choices=("command", "in-process"),
+        default="command",
+        help="without --url: `modelfleet serve` in a process of its own (as users run it), or the "
+        "Serve application started from this process (its Ray driver then shares this process with "
+        "the load generator and the offline engine; --engine-thread implies it)",
+    )
+    p.add_argument(
         "--http-proxy",
         choices=("auto", "haproxy", "ray"),
         default="auto",
@@ -447,16 +508,24 @@ def main() -> int:
         # Requests as long as the full sweep's: shorter ones measure the ramp of each level
         # (every stream's first token at once) more than its steady state.
         args.rounds, args.min_requests = 2, 8
-    started, proxy, binding = None, "external", "external"
-    if args.url is None:
+    started, command, proxy, binding = False, None, "external", "external"
+    endpoint = "in-process" if args.engine_thread else args.endpoint
+    if args.url is None and endpoint == "command":
+        args.url, args.model, proxy, binding, command = start_command_endpoint(
+            args.model_uri, args.max_num_seqs, args.http_proxy, args.cpu_binding
+        )
+    elif args.url is None:
         args.url, args.model, proxy, binding = start_endpoint(
             args.model_uri, args.max_num_seqs, not args.engine_thread, args.http_proxy, args.cpu_binding
         )
         started = True
-        print(f"endpoint {args.url}, HTTP proxy: {proxy}, CPUs: {binding}", file=sys.stderr, flush=True)
+    if args.url is not None and proxy != "external":
+        print(f"endpoint {args.url} ({endpoint}), HTTP proxy: {proxy}, CPUs: {binding}", file=sys.stderr)
     try:
         levels = asyncio.run(run(args))
     finally:
+        if command is not None:
+            stop_command_endpoint(command)
         if started:
             stop_endpoint()
     plot(levels, args.plot)
@@ -495,6 +564,7 @@ def main() -> int:
                     "replica_ttft_mean_s": key["replica_ttft_mean_s"],
                     "http_proxy": proxy,
                     "cpu_binding": binding,
+                    "endpoint": endpoint if proxy != "external" else "external",
                     "errors": sum(lv.errors for lv in levels),
                     "levels": [lv.summary() for lv in levels],
                 }
