@@ -276,8 +276,10 @@ def start_command_endpoint(
     while "Press Ctrl-C" not in log_path.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_command_endpoint(proc)
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise SystemExit(f"modelfleet serve did not become ready:\n{tail}")
+            text = log_path.read_text(errors="replace")
+            at = text.find("modelfleet serve:")  # its own account of what failed, when it gave one
+            tail = text[at : at + 3000] if at >= 0 else text[-3000:]
+            raise SystemExit(f"modelfleet serve did not become ready (log: {log_path}):\n{tail}")
         time.sleep(0.5)
     banner = log_path.read_text(errors="replace")
     proxy = "haproxy" if "proxy     HAProxy" in banner else "ray"
