@@ -6,10 +6,11 @@ HTTP path, Ray's own processes) take turns on the same cores: each time a servin
 wakes it may preempt the engine mid-step, and on a 2-core machine the engine gets about 80%
 of a core under load where offline it has all of one. Binding splits the machine the way CPU
 inference servers do (vLLM's CPU backend keeps cores for its frontend the same way): the
-engine processes get cores of their own and the serving processes the rest. Once the load is
-steady the engine steps faster (served tokens/s up 10-35% at 32 streams on 2 cores); the
-serving path has fewer cores, so a burst of requests takes longer to admit and the time to
-first token grows (benchmarks/RESULTS.md, "CPU binding"). Off unless asked for.
+engine processes get cores of their own and the serving processes the rest. The engine then
+steps faster (on 2 cores at 32 streams, a third faster, and 4-34% more tokens/s served, by how
+the requests arrive); the serving path has fewer cores, so a burst of requests takes longer to
+admit and the time to first token grows 2-3x (benchmarks/RESULTS.md, "CPU binding"). Off
+unless asked for.
 """
 
 from __future__ import annotations

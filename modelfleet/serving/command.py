@@ -173,9 +173,10 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
-def _start_ray(settings: Any, proxy: str, cpu_binding: str = "off") -> tuple[Any, CpuPlan | None]:
+def _start_ray(settings: Any, proxy: str, cpu_binding: str = "off") -> tuple[Any, CpuPlan | str | None]:
     """Starts Ray for the application, its Serve processes set up for `proxy` (as chosen by
-    choose_http_proxy). Returns the settings to deploy and the CPU binding it applied."""
+    choose_http_proxy). Returns the settings to deploy and the CPU binding it applied (or,
+    asked for one, why it did not)."""
     import dataclasses
 
     import ray
@@ -203,13 +204,21 @@ def _start_ray(settings: Any, proxy: str, cpu_binding: str = "off") -> tuple[Any
     apply_serve_process_env(proxy)
     # With --cpu-binding auto on the CPU, the engines get cores of their own: this process and
     # so every process Ray starts keep to the serving cores; each engine binds itself to the rest.
-    plan = None
-    if cpu_binding == "auto" and not gpus:
-        plan = plan_cpus(os.sched_getaffinity(0), settings.tensor_parallel_size, settings.replicas)
-    if plan is not None and bind(plan.serving, "serving processes"):
-        settings = dataclasses.replace(settings, engine_cpus=plan.engine)
-    else:
-        plan = None
+    plan: CpuPlan | str | None = None  # a str: why `auto` was not applied
+    if cpu_binding == "auto" and gpus:
+        plan = "shared (--cpu-binding auto: the model runs on GPUs)"
+    elif cpu_binding == "auto":
+        allowed = os.sched_getaffinity(0)
+        tp, replicas = settings.tensor_parallel_size, settings.replicas
+        plan = plan_cpus(allowed, tp, replicas) or (
+            f"shared (--cpu-binding auto: {len(allowed)} CPU(s) for {replicas} replica(s) x TP {tp}; "
+            "it binds one-rank engines, a core each, beside a core for serving)"
+        )
+        if isinstance(plan, CpuPlan):
+            if bind(plan.serving, "serving processes"):
+                settings = dataclasses.replace(settings, engine_cpus=plan.engine)
+            else:
+                plan = "shared (--cpu-binding auto: this process cannot bind its CPUs; see the warning)"
     # Ray's token authentication stays on (its default for local clusters): ray.init
     # makes a token, so other users of this machine cannot drive the cluster.
     ray.init(
@@ -277,12 +286,12 @@ def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
 
 
-def _print_ready(settings: Any, host: str, port: int, proxy: str, plan: CpuPlan | None = None) -> None:
+def _print_ready(settings: Any, host: str, port: int, proxy: str, plan: CpuPlan | str | None = None) -> None:
     base = f"http://{_client_host(host)}:{port}/v1"
     auth = ' -H "Authorization: Bearer $MODELFLEET_API_KEY"' if settings.api_key else ""
     key = 'os.environ["MODELFLEET_API_KEY"]' if settings.api_key else '"none"'
     replicas, tp = settings.replicas, settings.tensor_parallel_size
-    cpus = f"  cpus      {plan.describe()}\n" if plan else ""
+    cpus = f"  cpus      {plan.describe() if isinstance(plan, CpuPlan) else plan}\n" if plan else ""
     print(
         f"""
 {settings.served_name} is ready: {settings.model}, {replicas} replica(s) x TP {tp}
