@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from modelfleet.cpus import BINDINGS, CpuPlan
+from modelfleet.cpus import BINDINGS
 from modelfleet.serving.settings import API_KEY_ENV, HTTP_PROXIES, apply_serve_process_env, choose_http_proxy
 
 APP_ROUTE = "/"
@@ -142,7 +142,7 @@ def _run(settings: Any, host: str, port: int, proxy: str, cpu_binding: str = "of
     started = False
     try:
         with console.status("Starting a local Ray instance...") as status:
-            settings, plan = _start_ray(settings, proxy, cpu_binding)
+            settings, cpus_line = _start_ray(settings, proxy, cpu_binding)
             started = True
             _stop_on_signals()
             status.update("Deploying the application...")
@@ -150,7 +150,7 @@ def _run(settings: Any, host: str, port: int, proxy: str, cpu_binding: str = "of
             ok = _wait_until_ready(settings, host, port, status)
         if not ok:
             return 1
-        _print_ready(settings, host, port, proxy, plan)
+        _print_ready(settings, host, port, proxy, cpus_line)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -173,15 +173,12 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
-def _start_ray(settings: Any, proxy: str, cpu_binding: str = "off") -> tuple[Any, CpuPlan | str | None]:
+def _start_ray(settings: Any, proxy: str, cpu_binding: str = "off") -> tuple[Any, str | None]:
     """Starts Ray for the application, its Serve processes set up for `proxy` (as chosen by
-    choose_http_proxy). Returns the settings to deploy and the CPU binding it applied (or,
-    asked for one, why it did not)."""
-    import dataclasses
-
+    choose_http_proxy). Returns the settings to deploy and, with `--cpu-binding auto`, the
+    banner's line on the CPUs."""
     import ray
 
-    from modelfleet.cpus import bind, plan_cpus
     from modelfleet.serving.placement import cpus_needed
 
     gpus = 0
@@ -202,23 +199,9 @@ def _start_ray(settings: Any, proxy: str, cpu_binding: str = "off") -> tuple[Any
     # replicas share the real cores.
     cpus = max(os.cpu_count() or 1, cpus_needed(settings.tensor_parallel_size, settings.replicas))
     apply_serve_process_env(proxy)
-    # With --cpu-binding auto on the CPU, the engines get cores of their own: this process and
-    # so every process Ray starts keep to the serving cores; each engine binds itself to the rest.
-    plan: CpuPlan | str | None = None  # a str: why `auto` was not applied
-    if cpu_binding == "auto" and gpus:
-        plan = "shared (--cpu-binding auto: the model runs on GPUs)"
-    elif cpu_binding == "auto":
-        allowed = os.sched_getaffinity(0)
-        tp, replicas = settings.tensor_parallel_size, settings.replicas
-        plan = plan_cpus(allowed, tp, replicas) or (
-            f"shared (--cpu-binding auto: {len(allowed)} CPU(s) for {replicas} replica(s) x TP {tp}; "
-            "it binds one-rank engines, a core each, beside a core for serving)"
-        )
-        if isinstance(plan, CpuPlan):
-            if bind(plan.serving, "serving processes"):
-                settings = dataclasses.replace(settings, engine_cpus=plan.engine)
-            else:
-                plan = "shared (--cpu-binding auto: this process cannot bind its CPUs; see the warning)"
+    cpus_line = None
+    if cpu_binding == "auto":
+        settings, cpus_line = _bind_cpus(settings, gpus)
     # Ray's token authentication stays on (its default for local clusters): ray.init
     # makes a token, so other users of this machine cannot drive the cluster.
     ray.init(
@@ -229,7 +212,31 @@ def _start_ray(settings: Any, proxy: str, cpu_binding: str = "off") -> tuple[Any
         logging_level=logging.WARNING,
         configure_logging=True,
     )
-    return settings, plan
+    return settings, cpus_line
+
+
+def _bind_cpus(settings: Any, gpus: int) -> tuple[Any, str]:
+    """`--cpu-binding auto`: on the CPU the engines get cores of their own. This process, and
+    so every process Ray starts from now on, keeps to the serving cores; each engine process
+    binds itself to the rest (`engine_cpus`). Returns the settings to deploy and the banner's
+    account: the split, or why the cores stay shared."""
+    import dataclasses
+
+    from modelfleet.cpus import bind, plan_cpus
+
+    if gpus:
+        return settings, "shared (--cpu-binding auto: the model runs on GPUs)"
+    allowed = os.sched_getaffinity(0)
+    tp, replicas = settings.tensor_parallel_size, settings.replicas
+    plan = plan_cpus(allowed, tp, replicas)
+    if plan is None:
+        return settings, (
+            f"shared (--cpu-binding auto: {len(allowed)} CPU(s) for {replicas} replica(s) x TP {tp}; "
+            "it binds one-rank engines, a core each, beside a core for serving)"
+        )
+    if not bind(plan.serving, "serving processes"):
+        return settings, "shared (--cpu-binding auto: this process cannot bind its CPUs; see the warning)"
+    return dataclasses.replace(settings, engine_cpus=plan.engine), plan.describe()
 
 
 def _deploy(settings: Any, host: str, port: int) -> None:
@@ -286,12 +293,12 @@ def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
 
 
-def _print_ready(settings: Any, host: str, port: int, proxy: str, plan: CpuPlan | str | None = None) -> None:
+def _print_ready(settings: Any, host: str, port: int, proxy: str, cpus_line: str | None = None) -> None:
     base = f"http://{_client_host(host)}:{port}/v1"
     auth = ' -H "Authorization: Bearer $MODELFLEET_API_KEY"' if settings.api_key else ""
     key = 'os.environ["MODELFLEET_API_KEY"]' if settings.api_key else '"none"'
     replicas, tp = settings.replicas, settings.tensor_parallel_size
-    cpus = f"  cpus      {plan.describe() if isinstance(plan, CpuPlan) else plan}\n" if plan else ""
+    cpus = f"  cpus      {cpus_line}\n" if cpus_line else ""
     print(
         f"""
 {settings.served_name} is ready: {settings.model}, {replicas} replica(s) x TP {tp}
