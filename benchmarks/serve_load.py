@@ -299,40 +299,20 @@ def stop_command_endpoint(proc: subprocess.Popen) -> None:
 
 
 def start_endpoint(
-    model_uri: str,
-    max_num_seqs: int,
-    engine_process: bool = True,
-    http_proxy: str = "auto",
-    cpu_binding: str = "off",
-) -> tuple[str, str, str, str]:
+    model_uri: str, max_num_seqs: int, engine_process: bool = True, http_proxy: str = "auto"
+) -> tuple[str, str, str]:
     import ray
     from ray import serve
 
-    from modelfleet.cpus import bind, plan_cpus
     from modelfleet.serving.app import build_application
     from modelfleet.serving.settings import ServeSettings, apply_serve_process_env
 
     proxy = apply_serve_process_env(http_proxy)  # as `modelfleet serve` does
-    # `modelfleet serve --cpu-binding auto`: Ray's processes start on the serving cores
-    # and the engine process binds itself to the others. This process (the load generator and
-    # the offline engine) goes back to every core once Ray has started.
-    mine = os.sched_getaffinity(0)
-    plan = plan_cpus(mine) if cpu_binding == "auto" and engine_process else None
-    if plan is not None and not bind(plan.serving, "serving processes"):
-        plan = None
-    try:
-        ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
-    finally:
-        os.sched_setaffinity(0, mine)
+    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     settings = ServeSettings(
-        name="bench",
-        model=model_uri,
-        max_num_seqs=max_num_seqs,
-        device="cpu",
-        engine_process=engine_process,
-        engine_cpus=plan.engine if plan else (),
+        name="bench", model=model_uri, max_num_seqs=max_num_seqs, device="cpu", engine_process=engine_process
     )
     serve.run_many(
         [
@@ -354,7 +334,7 @@ def start_endpoint(
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    return base, "bench", proxy, plan.describe() if plan else "off"
+    return base, "bench", proxy
 
 
 def stop_endpoint() -> None:
@@ -501,7 +481,7 @@ def main() -> int:
         "--cpu-binding",
         choices=("off", "auto"),
         default="off",
-        help="the local endpoint's CPU binding, as `modelfleet serve --cpu-binding`",
+        help="the CPU binding of the `modelfleet serve` it starts (`--endpoint command`)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON line last")
     p.add_argument("--plot", type=Path, default=OUT / "serve_load.png")
@@ -510,25 +490,27 @@ def main() -> int:
         # Requests as long as the full sweep's: shorter ones measure the ramp of each level
         # (every stream's first token at once) more than its steady state.
         args.rounds, args.min_requests = 2, 8
-    started, command, proxy, binding = False, None, "external", "external"
-    endpoint = "in-process" if args.engine_thread else args.endpoint
-    if args.url is None and endpoint == "command":
+    endpoint = "external" if args.url else "in-process" if args.engine_thread else args.endpoint
+    if endpoint == "in-process" and args.cpu_binding != "off":
+        p.error("--cpu-binding applies to the `modelfleet serve` it starts (--endpoint command)")
+    command, proxy, binding = None, "external", "external"
+    if endpoint == "command":
         args.url, args.model, proxy, binding, command = start_command_endpoint(
             args.model_uri, args.max_num_seqs, args.http_proxy, args.cpu_binding
         )
-    elif args.url is None:
-        args.url, args.model, proxy, binding = start_endpoint(
-            args.model_uri, args.max_num_seqs, not args.engine_thread, args.http_proxy, args.cpu_binding
+    elif endpoint == "in-process":
+        args.url, args.model, proxy = start_endpoint(
+            args.model_uri, args.max_num_seqs, not args.engine_thread, args.http_proxy
         )
-        started = True
-    if args.url is not None and proxy != "external":
+        binding = "off"
+    if endpoint != "external":
         print(f"endpoint {args.url} ({endpoint}), HTTP proxy: {proxy}, CPUs: {binding}", file=sys.stderr)
     try:
         levels = asyncio.run(run(args))
     finally:
         if command is not None:
             stop_command_endpoint(command)
-        if started:
+        elif endpoint == "in-process":
             stop_endpoint()
     plot(levels, args.plot)
     print(
@@ -566,7 +548,7 @@ def main() -> int:
                     "replica_ttft_mean_s": key["replica_ttft_mean_s"],
                     "http_proxy": proxy,
                     "cpu_binding": binding,
-                    "endpoint": endpoint if proxy != "external" else "external",
+                    "endpoint": endpoint,
                     "errors": sum(lv.errors for lv in levels),
                     "levels": [lv.summary() for lv in levels],
                 }
