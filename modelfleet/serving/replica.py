@@ -391,12 +391,12 @@ class _Choice:
 
     def put_nowait(self, out: Any) -> None:
         queue = self.run.queue
-        queue.put_nowait((self.index, out))
+        queue.put_nowait((self.index, out, time.perf_counter()))  # when it came, for the latencies
         if isinstance(out, BaseException):  # the engine's step failed; the consumer raises it
             self.done = True
         elif out.finish_reason is not None:
             self.done = True
-            queue.put_nowait((self.index, None))
+            queue.put_nowait((self.index, None, 0.0))
             self.run.finished.set()
 
 
@@ -416,7 +416,7 @@ class Run:
         self.started = False
         self.closed = False
         self.t0 = time.perf_counter()
-        self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, Any, float]] = asyncio.Queue()
         self.finished = asyncio.Event()
         self.remaining = len(jobs)  # choices whose last output has not been drained yet
         request_id = uuid.uuid4().hex
@@ -426,7 +426,7 @@ class Run:
                 choice.request = replica.engine.submit(prompt, params, choice, f"{request_id}-{choice.index}")
             except Exception as exc:  # surfaced by the consumer, as a step's failure would be
                 choice.done = True
-                self.queue.put_nowait((choice.index, exc))
+                self.queue.put_nowait((choice.index, exc, 0.0))
 
     async def batches(self, hold: Callable[[], float] | None = None) -> AsyncIterator[list[Delta]]:
         """What the choices produced since the last batch, one merged Delta per choice.
@@ -450,8 +450,7 @@ class Run:
             while not self.queue.empty():
                 items.append(self.queue.get_nowait())
             merged: dict[int, Delta] = {}
-            now = time.perf_counter()
-            for i, out in items:
+            for i, out, at in items:
                 if out is None:
                     self.remaining -= 1
                     continue
@@ -462,11 +461,11 @@ class Run:
                     if not self.started:
                         self.started = True
                         self.replica.admission.start()
-                        m.ttft.observe(now - t0)
+                        m.ttft.observe(at - t0)
                         m.prompt_tokens.inc(self.writer.prompt_tokens)
-                    elif last[i] != t0:
-                        m.itl.observe((now - last[i]) / n_tok)
-                    last[i] = now
+                    elif last[i] != t0:  # by arrival: a gathered chunk's tokens keep their gaps
+                        m.itl.observe((at - last[i]) / n_tok)
+                    last[i] = at
                     m.generation_tokens.inc(n_tok)
                 self.writer.record(i, out.text, n_tok, out.logprobs, out.finish_reason)
                 d = merged.get(i)
