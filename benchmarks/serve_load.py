@@ -2,13 +2,15 @@
 
 For each concurrency level (closed loop: N streams, each sending its next request when the
 last one ends) it measures output tokens/s, time to first token, inter-token latency and
-errors through the HTTP endpoint (an aiohttp client), then runs the same requests through an in-process
-LLMEngine at the same concurrency. The serving overhead is served tokens/s over offline
-tokens/s. Without --url it starts `modelfleet serve` on the tiny model in a process of its
-own, as a user runs it, and stops it with Ctrl-C at the end.
+errors through the HTTP endpoint (an aiohttp client), then runs the same requests through an
+in-process LLMEngine at the same concurrency. The serving overhead is served tokens/s over
+offline tokens/s: the two alternate, a few pairs per level, and the level reports the pair
+with the median ratio (every pair's ratio is printed too). Without --url it starts
+`modelfleet serve` on the tiny model in a process of its own, as a user runs it, and stops it
+with Ctrl-C at the end.
 
     python benchmarks/serve_load.py                    # full sweep, plot in benchmarks/out/
-    python benchmarks/serve_load.py --quick --json     # about a minute; last line is JSON
+    python benchmarks/serve_load.py --quick --json     # a few minutes; last line is JSON
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --model tiny
 """
 
@@ -91,6 +93,10 @@ class Level:
     # first token. Together with the client's TTFT they say where a first token's time went.
     ingress_wait_s: float | None = None
     replica_ttft_s: float | None = None
+    # Across the level's alternating pairs (median_pair): each pair's served/offline ratio,
+    # and best served over best offline tokens/s.
+    pair_ratios: list[float] = field(default_factory=list)
+    best_of_ratio: float | None = None
 
     @property
     def tok_s(self) -> float:
@@ -100,6 +106,10 @@ class Level:
     def offline_tok_s(self) -> float:
         return self.offline_tokens / self.offline_wall_s if self.offline_wall_s else 0.0
 
+    @property
+    def ratio(self) -> float:
+        return self.tok_s / self.offline_tok_s if self.offline_tok_s else 0.0
+
     def summary(self) -> dict[str, Any]:
         return {
             "concurrency": self.concurrency,
@@ -107,7 +117,9 @@ class Level:
             "errors": self.errors,
             "tok_s": round(self.tok_s, 1),
             "offline_tok_s": round(self.offline_tok_s, 1),
-            "overhead_ratio": round(self.tok_s / self.offline_tok_s, 3) if self.offline_tok_s else None,
+            "overhead_ratio": round(self.ratio, 3) if self.offline_tok_s else None,
+            "pair_ratios": [round(r, 3) for r in self.pair_ratios],
+            "best_of_ratio": None if self.best_of_ratio is None else round(self.best_of_ratio, 3),
             "ttft_p50_s": round(pct(self.ttft, 50), 4),
             "ttft_p99_s": round(pct(self.ttft, 99), 4),
             "itl_p50_s": round(pct(self.itl, 50), 5),
@@ -413,27 +425,37 @@ async def run(args: argparse.Namespace) -> list[Level]:
         for c in args.concurrency:
             n = max(c * args.rounds, args.min_requests)
             prompts = make_prompts(n)
-            # Served and offline alternate, best of `repeats` each: on a shared machine a
-            # load spike from elsewhere lands on one side only, and the best run is the one
-            # it spared.
+            # Served and offline alternate, `repeats` pairs: each pair's ratio compares two
+            # runs a few seconds apart, so a drift in the machine's speed between pairs (it
+            # moves the offline engine alone by up to half) cancels out. The level is the
+            # pair with the median ratio, with its own latencies.
             runs = []
             for _ in range(args.repeats):
                 served = await served_level(base, model, prompts, c, args.max_tokens)
                 await offline_level(engine, prompts, c, args.max_tokens, served)
                 runs.append(served)
-            level = max(runs, key=lambda r: r.tok_s)  # with its own latencies
-            best = max(runs, key=lambda r: r.offline_tok_s)
-            level.offline_tokens, level.offline_wall_s = best.offline_tokens, best.offline_wall_s
-            # CPU per request: the median of the runs of each side
-            level.cpu_s = statistics.median(r.cpu_s * level.requests / max(r.requests, 1) for r in runs)
-            level.offline_cpu_s = statistics.median(r.offline_cpu_s for r in runs)
-            level.offline_requests = best.offline_requests
-            level.errors = sum(r.errors for r in runs)  # every error counts
+            level = median_pair(runs)
             levels.append(level)
             print(json.dumps(level.summary()), file=sys.stderr, flush=True)
     finally:
         await engine.shutdown()
     return levels
+
+
+def median_pair(runs: list[Level]) -> Level:
+    """The run whose served/offline ratio is the median of `runs` (the lower one of an even
+    count), with every run's ratio, the ratio of the best runs of each side (what this
+    benchmark printed before), every error of every run, and CPU per request as the median
+    of each side."""
+    ranked = sorted(runs, key=lambda r: r.ratio)
+    level = ranked[(len(ranked) - 1) // 2]
+    level.pair_ratios = [r.ratio for r in runs]
+    best_offline = max(r.offline_tok_s for r in runs)
+    level.best_of_ratio = max(r.tok_s for r in runs) / best_offline if best_offline else 0.0
+    level.errors = sum(r.errors for r in runs)
+    level.cpu_s = statistics.median(r.cpu_s * level.requests / max(r.requests, 1) for r in runs)
+    level.offline_cpu_s = statistics.median(r.offline_cpu_s for r in runs)
+    return level
 
 
 def _ms(seconds: float | None) -> str:
@@ -456,8 +478,12 @@ def main() -> int:
         default=1,
         help="torch threads of the offline engine: a CPU replica's engine has one per rank",
     )
-    p.add_argument("--repeats", type=int, default=2, help="runs of each side per level (best kept)")
-    p.add_argument("--quick", action="store_true", help="fewer requests per level")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="alternating served/offline pairs per level, the median pair kept (default 5; 3 with --quick)",
+    )
+    p.add_argument("--quick", action="store_true", help="fewer pairs per level")
     p.add_argument(
         "--engine-thread",
         action="store_true",
@@ -487,9 +513,14 @@ def main() -> int:
     p.add_argument("--plot", type=Path, default=OUT / "serve_load.png")
     args = p.parse_args()
     if args.quick:
-        # Requests as long as the full sweep's: shorter ones measure the ramp of each level
-        # (every stream's first token at once) more than its steady state.
-        args.rounds, args.min_requests = 2, 8
+        # Fewer pairs, but requests as many per stream as the full sweep's: with fewer, the
+        # ramp of each level (every stream's first request at once) weighs more than its
+        # steady state.
+        args.min_requests = 8
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 5
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     endpoint = "external" if args.url else "in-process" if args.engine_thread else args.endpoint
     if endpoint == "in-process" and args.cpu_binding != "off":
         p.error("--cpu-binding applies to the `modelfleet serve` it starts (--endpoint command)")
@@ -516,7 +547,7 @@ def main() -> int:
     print(
         f"\n{'streams':>7} {'served tok/s':>12} {'offline tok/s':>13} {'ratio':>6} {'TTFT p50':>9} "
         f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'errors':>6}  CPU ms/request served / offline"
-        "   mean ms to reach a replica / replica TTFT"
+        "   mean ms to reach a replica / replica TTFT   every pair's ratio (best of each side)"
     )
     for lv in levels:
         s = lv.summary()
@@ -527,6 +558,7 @@ def main() -> int:
             f"{s['itl_p99_s'] * ms:>6.2f}ms {s['errors']:>6}  "
             f"{s['cpu_ms_per_request'] or 0:.1f} / {s['offline_cpu_ms_per_request'] or 0:.1f}"
             f"   {_ms(s['ingress_wait_mean_s'])} / {_ms(s['replica_ttft_mean_s'])}"
+            f"   {' '.join(f'{r:.2f}' for r in s['pair_ratios'])} ({s['best_of_ratio'] or 0:.2f})"
         )
     print(f"plot: {args.plot}")
     key = next((lv for lv in levels if lv.concurrency == 32), levels[-1]).summary()
@@ -535,6 +567,8 @@ def main() -> int:
             json.dumps(
                 {
                     "overhead_ratio": key["overhead_ratio"],
+                    "pair_ratios": key["pair_ratios"],
+                    "best_of_ratio": key["best_of_ratio"],
                     "tok_s": key["tok_s"],
                     "offline_tok_s": key["offline_tok_s"],
                     "ttft_p50_s": key["ttft_p50_s"],

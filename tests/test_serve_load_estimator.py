@@ -1,0 +1,49 @@
+"""The serving benchmark's estimator: which of a level's alternating served/offline pairs it
+reports, and what it adds up across them."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("aiohttp", reason="the serving benchmark's client needs aiohttp (the test extra)")
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+_spec = importlib.util.spec_from_file_location("serve_load", _PATH)
+serve_load = importlib.util.module_from_spec(_spec)
+sys.modules["serve_load"] = serve_load  # dataclasses resolve their annotations through it
+_spec.loader.exec_module(serve_load)
+
+
+def pair(served_tok_s: float, offline_tok_s: float, errors: int = 0, cpu_s: float = 1.0):
+    lv = serve_load.Level(concurrency=32, requests=128, errors=errors, tokens=int(served_tok_s), wall_s=1.0)
+    lv.offline_tokens, lv.offline_wall_s = int(offline_tok_s), 1.0
+    lv.cpu_s, lv.offline_cpu_s, lv.offline_requests = cpu_s, cpu_s / 2, 128
+    lv.ttft = [served_tok_s / 1e6]  # tells the pairs' latencies apart
+    return lv
+
+
+def test_the_median_ratio_pair_is_reported_with_its_own_latencies():
+    runs = [pair(900, 1000), pair(5000, 8000), pair(700, 1000), pair(6000, 6000), pair(4000, 5000)]
+    level = serve_load.median_pair(runs)
+    assert level is runs[4]  # ratios 0.9, 0.625, 0.7, 1.0, 0.8: the median is 0.8
+    assert level.summary()["overhead_ratio"] == 0.8
+    assert level.ttft == [4000 / 1e6]
+    assert [round(r, 3) for r in level.pair_ratios] == [0.9, 0.625, 0.7, 1.0, 0.8]
+    # the old estimator, best served over best offline: 6000 / 8000
+    assert level.summary()["best_of_ratio"] == 0.75
+
+
+def test_an_even_count_takes_the_lower_middle_and_every_error_counts():
+    runs = [pair(900, 1000, errors=1), pair(800, 1000), pair(1000, 1000, errors=2), pair(700, 1000)]
+    level = serve_load.median_pair(runs)
+    assert level.ratio == pytest.approx(0.8)
+    assert level.errors == 3
+
+
+def test_cpu_per_request_is_the_median_of_each_side():
+    runs = [pair(900, 1000, cpu_s=1.0), pair(800, 1000, cpu_s=3.0), pair(1000, 1000, cpu_s=2.0)]
+    level = serve_load.median_pair(runs)
+    assert level.cpu_s == pytest.approx(2.0)
+    assert level.offline_cpu_s == pytest.approx(1.0)
