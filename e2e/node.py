@@ -223,6 +223,15 @@ def lock_holder() -> Path | None:
         return None
 
 
+def recorded_host(dir: Path) -> dict:
+    """What the `up` of `dir` recorded of the host (`record_host`); empty when it got no further."""
+    try:
+        state = json.loads((dir / "cluster.json").read_text()).get("node")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
 def holder_alive(dir: Path) -> bool:
     try:
         pids = json.loads((dir / "cluster.json").read_text())["pids"]
@@ -243,8 +252,8 @@ def clear_stale(dir: Path) -> list[str]:
             f"machine (cgroups, the {NETNS} namespace); stop it with "
             f"`python -m e2e.cluster down --dir {holder}`"
         )
-    if holder is not None:
-        return cleanup(holder)
+    if holder is not None:  # with what its `up` recorded of the host before it changed it
+        return cleanup(holder, recorded_host(holder))
     if Path(f"/run/netns/{NETNS}").exists():
         return cleanup(dir)
     return []

@@ -286,8 +286,10 @@ def test_what_a_killed_run_left_is_cleared_before_the_next_node(
     (killed / "node").mkdir(parents=True)
     exited = subprocess.Popen(["true"])
     exited.wait()
+    host: dict = {}
+    node.record_host(host)  # as its `up` did before it changed anything
     (killed / "cluster.json").write_text(
-        json.dumps({"pids": {"containerd": exited.pid, "kubelet": exited.pid}}))
+        json.dumps({"pids": {"containerd": exited.pid, "kubelet": exited.pid}, "node": host}))
     node.LOCK_FILE.write_text(json.dumps({"dir": str(killed), "pid": exited.pid}))
     try:
         node.create_netns(node.plan_network(killed))
