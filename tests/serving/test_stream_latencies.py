@@ -41,24 +41,15 @@ class ScriptedEngine:
         pass
 
 
-def _bucket(metrics: ReplicaMetrics, name: str, le: str) -> float:
-    for family in metrics.registry.collect():
-        for s in family.samples:
-            if s.name == name and s.labels.get("le") == le:
-                return s.value
-    raise AssertionError(f"no {name} bucket le={le}")
+LABELS = {"model_deployment": "tiny", "namespace": "default", "replica": "r1"}
 
 
-def _value(metrics: ReplicaMetrics, name: str) -> float:
-    for family in metrics.registry.collect():
-        for s in family.samples:
-            if s.name == name:
-                return s.value
-    raise AssertionError(f"no {name}")
+def _value(metrics: ReplicaMetrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, {**LABELS, **labels})
 
 
 async def test_gathered_tokens_keep_their_own_gaps():
-    metrics = ReplicaMetrics("tiny", "default", "r1")
+    metrics = ReplicaMetrics(*LABELS.values())
     engine = ScriptedEngine()
     admission = Admission(8)
     admission.admit()
@@ -84,7 +75,7 @@ async def test_gathered_tokens_keep_their_own_gaps():
     itl = "modelfleet_inter_token_latency_seconds"
     assert _value(metrics, itl + "_count") == 4
     # Each of the four gaps lasted at least GAP_S; none was recorded as if it were nothing.
-    assert _bucket(metrics, itl + "_bucket", "0.025") == 0
+    assert _value(metrics, itl + "_bucket", le="0.025") == 0
     assert _value(metrics, itl + "_sum") >= 4 * GAP_S - 1e-6
     assert _value(metrics, "modelfleet_generation_tokens_total") == 5
     assert admission.running == 0 and admission.waiting == 0
