@@ -223,20 +223,22 @@ def lock_holder() -> Path | None:
         return None
 
 
-def recorded_host(dir: Path) -> dict:
-    """What the `up` of `dir` recorded of the host (`record_host`); empty when it got no further."""
+def _saved(dir: Path, key: str) -> dict:
+    """`key` of the state file of the cluster in `dir`; empty when there is none (yet)."""
     try:
-        state = json.loads((dir / "cluster.json").read_text()).get("node")
+        value = json.loads((dir / "cluster.json").read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return {}
-    return state if isinstance(state, dict) else {}
+    return value if isinstance(value, dict) else {}
+
+
+def recorded_host(dir: Path) -> dict:
+    """What the `up` of `dir` recorded of the host (`record_host`); empty when it got no further."""
+    return _saved(dir, "node")
 
 
 def holder_alive(dir: Path) -> bool:
-    try:
-        pids = json.loads((dir / "cluster.json").read_text())["pids"]
-    except (OSError, ValueError, KeyError):
-        return False
+    pids = _saved(dir, "pids")
     return any(_alive(pids[n]) for n in ("containerd", "kubelet") if n in pids)
 
 
