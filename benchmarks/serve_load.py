@@ -427,7 +427,7 @@ async def run(args: argparse.Namespace) -> list[Level]:
             prompts = make_prompts(n)
             # Served and offline alternate, `repeats` pairs: each pair's ratio compares two
             # runs a few seconds apart, so a drift in the machine's speed between pairs (it
-            # moves the offline engine alone by up to half) cancels out. The level is the
+            # moves the offline engine alone by up to 70%) cancels out. The level is the
             # pair with the median ratio, with its own latencies.
             runs = []
             for _ in range(args.repeats):
@@ -483,7 +483,9 @@ def main() -> int:
         type=int,
         help="alternating served/offline pairs per level, the median pair kept (default 5; 3 with --quick)",
     )
-    p.add_argument("--quick", action="store_true", help="fewer pairs per level")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer pairs per level, and 8 requests at 1 stream instead of 16"
+    )
     p.add_argument(
         "--engine-thread",
         action="store_true",
