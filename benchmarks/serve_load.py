@@ -2,12 +2,13 @@
 
 For each concurrency level (closed loop: N streams, each sending its next request when the
 last one ends) it measures output tokens/s, time to first token, inter-token latency and
-errors through the HTTP endpoint (an aiohttp client), then runs the same requests through an
-in-process LLMEngine at the same concurrency. The serving overhead is served tokens/s over
-offline tokens/s: the two alternate, a few pairs per level, and the level reports the pair
-with the median ratio (every pair's ratio is printed too). Without --url it starts
-`modelfleet serve` on the tiny model in a process of its own, as a user runs it, and stops it
-with Ctrl-C at the end.
+errors through the HTTP endpoint (an aiohttp client), then runs the same requests through the
+engine offline at the same concurrency: by default the engine as a replica runs it (a process
+of its own, driven directly), so the ratio holds everything between the client and the engine
+and nothing else. The serving overhead is served tokens/s over offline tokens/s: the two
+alternate, a few pairs per level, and the level reports the pair with the median ratio (every
+pair's ratio is printed too). Without --url it starts `modelfleet serve` on the tiny model in
+a process of its own, as a user runs it, and stops it with Ctrl-C at the end.
 
     python benchmarks/serve_load.py                    # full sweep, plot in benchmarks/out/
     python benchmarks/serve_load.py --quick --json     # a few minutes; last line is JSON
@@ -357,7 +358,7 @@ def stop_endpoint() -> None:
     ray.shutdown()
 
 
-def plot(levels: list[Level], path: Path) -> None:
+def plot(levels: list[Level], path: Path, offline: str = "process") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -366,7 +367,7 @@ def plot(levels: list[Level], path: Path) -> None:
     xs = [lv.concurrency for lv in levels]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     a.plot(xs, [lv.tok_s for lv in levels], "o-", label="served (HTTP, SSE)")
-    a.plot(xs, [lv.offline_tok_s for lv in levels], "s--", label="engine offline")
+    a.plot(xs, [lv.offline_tok_s for lv in levels], "s--", label=f"engine offline ({offline})")
     for lv in levels:
         if lv.offline_tok_s:
             a.annotate(
@@ -401,22 +402,39 @@ def plot(levels: list[Level], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+async def offline_engine(args: argparse.Namespace) -> Any:
+    """The offline side's engine, with the CPU threads a replica's engine has (its placement
+    bundle), so the ratio measures what serving costs, not a different thread count.
+
+    `process`: an engine process driven directly from this loop, as a replica drives its own.
+    `in-process`: LLMEngine stepping on a thread of this process, whose interpreter lock it
+    shares with the load loop (as a replica's engine does with `--engine-thread`)."""
+    from modelfleet.engine import EngineConfig
+
+    config = EngineConfig(model=args.model_uri, max_num_seqs=args.max_num_seqs, device="cpu")
+    if args.offline == "process":
+        from modelfleet.engine.process import EngineProcess
+
+        engine: Any = await asyncio.to_thread(EngineProcess, config, args.engine_threads)
+    else:
+        import torch
+
+        from modelfleet.engine import LLMEngine
+
+        torch.set_num_threads(args.engine_threads)
+        engine = LLMEngine(config)
+    await engine.start()
+    return engine
+
+
 async def run(args: argparse.Namespace) -> list[Level]:
-    import torch
-
-    from modelfleet.engine import EngineConfig, LLMEngine
-
     levels = []
-    # The offline engine gets the CPU threads a replica's engine has (its placement bundle),
-    # so the ratio measures what serving costs, not a different thread count.
-    torch.set_num_threads(args.engine_threads)
     print(
-        f"engine threads (served and offline): {args.engine_threads}; "
+        f"engine threads (served and offline): {args.engine_threads}; offline engine: {args.offline}; "
         f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
         file=sys.stderr,
     )
-    engine = LLMEngine(EngineConfig(model=args.model_uri, max_num_seqs=args.max_num_seqs, device="cpu"))
-    await engine.start()
+    engine = await offline_engine(args)
     base, model = args.url, args.model
     try:
         # Warm both paths once.
@@ -492,6 +510,12 @@ def main() -> int:
         help="serve with the engine on a thread of the replica instead of a process of its own",
     )
     p.add_argument(
+        "--offline",
+        choices=("process", "in-process"),
+        help="the offline engine: a process of its own driven directly, as a replica runs it "
+        "(the default), or LLMEngine on a thread of this process (the default with --engine-thread)",
+    )
+    p.add_argument(
         "--endpoint",
         choices=("command", "in-process"),
         default="command",
@@ -521,6 +545,8 @@ def main() -> int:
         args.min_requests = 8
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
+    if args.offline is None:
+        args.offline = "in-process" if args.engine_thread else "process"
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     endpoint = "external" if args.url else "in-process" if args.engine_thread else args.endpoint
@@ -545,7 +571,7 @@ def main() -> int:
             stop_command_endpoint(command)
         elif endpoint == "in-process":
             stop_endpoint()
-    plot(levels, args.plot)
+    plot(levels, args.plot, args.offline)
     print(
         f"\n{'streams':>7} {'served tok/s':>12} {'offline tok/s':>13} {'ratio':>6} {'TTFT p50':>9} "
         f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'errors':>6}  CPU ms/request served / offline"
@@ -562,7 +588,7 @@ def main() -> int:
             f"   {_ms(s['ingress_wait_mean_s'])} / {_ms(s['replica_ttft_mean_s'])}"
             f"   {' '.join(f'{r:.2f}' for r in s['pair_ratios'])} ({s['best_of_ratio'] or 0:.2f})"
         )
-    print(f"plot: {args.plot}")
+    print(f"offline engine: {args.offline}; plot: {args.plot}")
     key = next((lv for lv in levels if lv.concurrency == 32), levels[-1]).summary()
     if args.json:
         print(
@@ -585,6 +611,7 @@ def main() -> int:
                     "http_proxy": proxy,
                     "cpu_binding": binding,
                     "endpoint": endpoint,
+                    "offline_engine": args.offline,
                     "errors": sum(lv.errors for lv in levels),
                     "levels": [lv.summary() for lv in levels],
                 }

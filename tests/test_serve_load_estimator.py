@@ -47,3 +47,37 @@ def test_cpu_per_request_is_the_median_of_each_side():
     level = serve_load.median_pair(runs)
     assert level.cpu_s == pytest.approx(2.0)
     assert level.offline_cpu_s == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("form", "kind"), [("process", "EngineProcess"), ("in-process", "LLMEngine")])
+def test_the_offline_side_runs_the_engine_form_it_names(form, kind):
+    """The ratio's baseline: the engine as a replica runs it (a process of its own, one torch
+    thread) unless asked for the in-process engine; either runs every request to its end."""
+    import argparse
+    import asyncio
+
+    import torch
+
+    args = argparse.Namespace(
+        offline=form, model_uri="builtin://tiny-llama", max_num_seqs=4, engine_threads=1
+    )
+
+    async def go():
+        engine = await serve_load.offline_engine(args)
+        try:
+            level = serve_load.Level(concurrency=2)
+            await serve_load.offline_level(engine, serve_load.make_prompts(3), 2, 5, level)
+            threads = engine.info.torch_threads if form == "process" else None
+            return type(engine).__name__, level, threads
+        finally:
+            await engine.shutdown()
+
+    before = torch.get_num_threads()
+    try:
+        name, level, threads = asyncio.run(go())
+    finally:
+        torch.set_num_threads(before)  # the in-process form sets this process' count
+    assert name == kind
+    assert (level.offline_requests, level.offline_tokens) == (3, 15)
+    if form == "process":
+        assert threads == 1
