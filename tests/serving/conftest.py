@@ -3,8 +3,8 @@ one HTTP port (each under its own route prefix), deployed together so their mode
 side by side:
 
 - main:  builtin tiny-llama, TP 1: the API surface, streaming, errors, concurrency.
-- small: builtin tiny-llama with one sequence slot and a queue of one: 429, cancellation,
-         and an injected engine fault.
+- small: builtin tiny-llama with one sequence slot, a queue of one and steps of at least
+         10 ms: 429, cancellation, and an injected engine fault.
 - tp2:   a random-weight Hugging Face checkpoint at TP 2 on the CPU, behind an API key:
          greedy output against transformers, and key enforcement.
 """
@@ -53,6 +53,10 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
                 max_queue_depth=1,
                 device="cpu",
                 enable_fault_injection=True,
+                # Steps of at least 10 ms: a long request holds the one slot for 15 s, on any
+                # machine, while a test reads the queue off metrics pushed once a second (at
+                # the tiny model's own speed, 1500 tokens can be done in under 2 s).
+                emulated_step_s=0.01,
             ),
             "tp2": ServeSettings(
                 name="tp2",
