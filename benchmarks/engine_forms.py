@@ -28,12 +28,13 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import make_prompts  # the same prompts as the served benchmark
+# The served benchmark's prompts, closed loop and offline engines, so the forms here are those
+# its offline side runs.
+from serve_load import Level, make_prompts, offline_engine, offline_level
 
 
 def process_cpu_s(pid: int) -> float:
@@ -45,42 +46,18 @@ def process_cpu_s(pid: int) -> float:
 
 async def closed_loop(engine: Any, prompts: list[str], streams: int, max_tokens: int, gap_s: float) -> dict:
     """Every prompt through `engine` by `streams` streams; tokens/s and the engine's CPU."""
-    from modelfleet.engine import SamplingParams
-
-    queue = list(prompts)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    tokens = 0
-
-    async def stream() -> None:
-        nonlocal tokens
-        while queue:
-            prompt = queue.pop()
-            if gap_s:
-                await asyncio.sleep(gap_s)
-            async for out in engine.generate(prompt, params):
-                if out.finish_reason is not None:
-                    tokens += out.usage.completion_tokens
-
+    level = Level(streams)
     pid = getattr(engine, "pid", None) or os.getpid()
-    t0, cpu0 = time.perf_counter(), process_cpu_s(pid)
-    await asyncio.gather(*(stream() for _ in range(streams)))
-    wall = time.perf_counter() - t0
-    return {"tokens": tokens, "tok_s": tokens / wall, "engine_cpu": (process_cpu_s(pid) - cpu0) / wall}
+    cpu0 = process_cpu_s(pid)
+    await offline_level(engine, prompts, streams, max_tokens, level, gap_s)
+    engine_cpu = (process_cpu_s(pid) - cpu0) / level.offline_wall_s
+    return {"tokens": level.offline_tokens, "tok_s": level.offline_tok_s, "engine_cpu": engine_cpu}
 
 
 async def run(args: argparse.Namespace) -> dict:
-    import torch
-
-    from modelfleet.engine import EngineConfig, LLMEngine
-    from modelfleet.engine.process import EngineProcess
-
-    torch.set_num_threads(args.engine_threads)  # the thread form's; the process gets its own
-    config = EngineConfig(model=args.model_uri, max_num_seqs=args.max_num_seqs, device="cpu")
     print("loading the engine twice (a thread of this process, and a process of its own)", file=sys.stderr)
-    on_thread = LLMEngine(config)
-    await on_thread.start()
-    own_process = await asyncio.to_thread(EngineProcess, config, args.engine_threads)
-    await own_process.start()
+    on_thread = await offline_engine(argparse.Namespace(**vars(args), offline="in-process"))
+    own_process = await offline_engine(argparse.Namespace(**vars(args), offline="process"))
     forms = {
         "thread": (on_thread, 0.0),
         "process": (own_process, 0.0),
@@ -119,7 +96,7 @@ async def run(args: argparse.Namespace) -> dict:
         "gap_over_no_gap": med([r["process+gap"]["tok_s"] / r["process"]["tok_s"] for r in rounds]),
         "process_over_thread_each": [round(r["process"]["tok_s"] / r["thread"]["tok_s"], 3) for r in rounds],
         "gap_over_no_gap_each": [round(r["process+gap"]["tok_s"] / r["process"]["tok_s"], 3) for r in rounds],
-        "tokens_each_run": rounds[0]["process"]["tokens"] if rounds else 0,
+        "tokens_each_run": {name: sorted({r[name]["tokens"] for r in rounds}) for name in forms},
     }
 
 

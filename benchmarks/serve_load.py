@@ -234,7 +234,11 @@ async def served_level(base: str, model: str, prompts: list[str], c: int, max_to
     return level
 
 
-async def offline_level(engine: Any, prompts: list[str], c: int, max_tokens: int, level: Level) -> None:
+async def offline_level(
+    engine: Any, prompts: list[str], c: int, max_tokens: int, level: Level, gap_s: float = 0.0
+) -> None:
+    """Every prompt through `engine` by `c` closed-loop streams, into `level`'s offline side;
+    each stream pauses `gap_s` before each request (engine_forms.py's stand-in for a trip)."""
     from modelfleet.engine import SamplingParams
 
     queue = list(prompts)
@@ -243,6 +247,8 @@ async def offline_level(engine: Any, prompts: list[str], c: int, max_tokens: int
     async def worker() -> None:
         while queue:
             prompt = queue.pop()
+            if gap_s:
+                await asyncio.sleep(gap_s)
             async for out in engine.generate(prompt, params):
                 if out.finish_reason is not None:
                     level.offline_tokens += out.usage.completion_tokens

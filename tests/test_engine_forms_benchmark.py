@@ -37,7 +37,7 @@ def test_every_form_runs_every_request_and_the_ratios_are_the_rounds():
     finally:
         torch.set_num_threads(before)  # the thread form sets this process' count
     assert out["requests"] == 6
-    assert out["tokens_each_run"] == 6 * 5
+    assert out["tokens_each_run"] == {name: [6 * 5] for name in ("thread", "process", "process+gap")}
     assert set(out["tok_s"]) == {"thread", "process", "process+gap"}
     assert all(v > 0 for v in out["tok_s"].values())
     for key in ("process_over_thread", "gap_over_no_gap"):
