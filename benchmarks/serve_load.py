@@ -267,8 +267,12 @@ def free_port() -> int:
 
 
 def start_command_endpoint(
-    model_uri: str, max_num_seqs: int, http_proxy: str = "auto", cpu_binding: str = "off"
-) -> tuple[str, str, str, str, subprocess.Popen]:
+    model_uri: str,
+    max_num_seqs: int,
+    http_proxy: str = "auto",
+    cpu_binding: str = "off",
+    ingress: str = "auto",
+) -> tuple[str, str, str, str, str, subprocess.Popen]:
     """`modelfleet serve` in a process of its own, as a user runs it: the load generator and
     the offline engine then share no process (and no GIL) with Ray's driver."""
     OUT.mkdir(parents=True, exist_ok=True)
@@ -286,7 +290,7 @@ def start_command_endpoint(
     port = free_port()
     log_path = OUT / "serve_load_endpoint.log"
     cmd = [sys.executable, "-m", "modelfleet.cli", "serve", "-f", str(manifest), "--port", str(port)]
-    cmd += ["--device", "cpu", "--http-proxy", http_proxy, "--cpu-binding", cpu_binding]
+    cmd += ["--device", "cpu", "--http-proxy", http_proxy, "--cpu-binding", cpu_binding, "--ingress", ingress]
     print(f"starting: modelfleet serve (log: {log_path})", file=sys.stderr, flush=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
@@ -303,7 +307,8 @@ def start_command_endpoint(
     banner = log_path.read_text(errors="replace")
     proxy = "haproxy" if "proxy     HAProxy" in banner else "ray"
     cpus = re.search(r"^  cpus      (.+)$", banner, re.MULTILINE)
-    return base, "bench", proxy, cpus.group(1) if cpus else "off", proc
+    served_by = "replica" if "to the model replicas" in banner else "separate"
+    return base, "bench", proxy, cpus.group(1) if cpus else "off", served_by, proc
 
 
 def stop_command_endpoint(proc: subprocess.Popen) -> None:
@@ -318,8 +323,12 @@ def stop_command_endpoint(proc: subprocess.Popen) -> None:
 
 
 def start_endpoint(
-    model_uri: str, max_num_seqs: int, engine_process: bool = True, http_proxy: str = "auto"
-) -> tuple[str, str, str]:
+    model_uri: str,
+    max_num_seqs: int,
+    engine_process: bool = True,
+    http_proxy: str = "auto",
+    ingress: str = "auto",
+) -> tuple[str, str, str, str]:
     import ray
     from ray import serve
 
@@ -330,8 +339,14 @@ def start_endpoint(
     ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+    served_by = "replica" if ingress == "auto" else ingress  # as `modelfleet serve` with a replica
     settings = ServeSettings(
-        name="bench", model=model_uri, max_num_seqs=max_num_seqs, device="cpu", engine_process=engine_process
+        name="bench",
+        model=model_uri,
+        max_num_seqs=max_num_seqs,
+        device="cpu",
+        engine_process=engine_process,
+        ingress=served_by,
     )
     serve.run_many(
         [
@@ -353,7 +368,7 @@ def start_endpoint(
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    return base, "bench", proxy
+    return base, "bench", proxy, served_by
 
 
 def stop_endpoint() -> None:
@@ -536,6 +551,13 @@ def main() -> int:
         help="what the local endpoint listens with, as `modelfleet serve --http-proxy`",
     )
     p.add_argument(
+        "--ingress",
+        choices=("auto", "replica", "separate"),
+        default="auto",
+        help="where the local endpoint serves the API, as `modelfleet serve --ingress` (auto: the "
+        "model replica itself)",
+    )
+    p.add_argument(
         "--cpu-binding",
         choices=("off", "auto"),
         default="off",
@@ -558,18 +580,22 @@ def main() -> int:
     endpoint = "external" if args.url else "in-process" if args.engine_thread else args.endpoint
     if endpoint == "in-process" and args.cpu_binding != "off":
         p.error("--cpu-binding applies to the `modelfleet serve` it starts (--endpoint command)")
-    command, proxy, binding = None, "external", "external"
+    command, proxy, binding, served_by = None, "external", "external", "external"
     if endpoint == "command":
-        args.url, args.model, proxy, binding, command = start_command_endpoint(
-            args.model_uri, args.max_num_seqs, args.http_proxy, args.cpu_binding
+        args.url, args.model, proxy, binding, served_by, command = start_command_endpoint(
+            args.model_uri, args.max_num_seqs, args.http_proxy, args.cpu_binding, args.ingress
         )
     elif endpoint == "in-process":
-        args.url, args.model, proxy = start_endpoint(
-            args.model_uri, args.max_num_seqs, not args.engine_thread, args.http_proxy
+        args.url, args.model, proxy, served_by = start_endpoint(
+            args.model_uri, args.max_num_seqs, not args.engine_thread, args.http_proxy, args.ingress
         )
         binding = "off"
     if endpoint != "external":
-        print(f"endpoint {args.url} ({endpoint}), HTTP proxy: {proxy}, CPUs: {binding}", file=sys.stderr)
+        print(
+            f"endpoint {args.url} ({endpoint}), HTTP proxy: {proxy}, API served by: {served_by}, "
+            f"CPUs: {binding}",
+            file=sys.stderr,
+        )
     try:
         levels = asyncio.run(run(args))
     finally:
@@ -615,6 +641,7 @@ def main() -> int:
                     "ingress_wait_mean_s": key["ingress_wait_mean_s"],
                     "replica_ttft_mean_s": key["replica_ttft_mean_s"],
                     "http_proxy": proxy,
+                    "ingress": served_by,
                     "cpu_binding": binding,
                     "endpoint": endpoint,
                     "offline_engine": args.offline,

@@ -1,6 +1,7 @@
 """Builds the Serve application of one ModelDeployment: the OpenAI ingress, the model
 deployment (one engine per replica, placed by a STRICT_PACK placement group) and the
-metrics hub.
+metrics hub. With `ingress: replica` the model deployment serves the API itself and is the
+application's ingress (`direct.py`).
 
 `build_app` is the import path a Serve config names, so the operator deploys the same
 application with `import_path: modelfleet.serving.app:build_app` and plain-dict args:
@@ -21,6 +22,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from modelfleet.serving.direct import DirectModelReplica
 from modelfleet.serving.hub import MetricsHub
 from modelfleet.serving.ingress import OpenAIIngress
 from modelfleet.serving.placement import placement_options
@@ -41,16 +43,27 @@ def use_gpu(settings: ServeSettings) -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
+# Requests a replica serving the API itself takes besides its sequence slots and queue: health
+# checks, scrapes of /metrics, and requests on their way to a 429.
+DIRECT_SPARE_REQUESTS = 64
+
+
 def model_options(settings: ServeSettings, gpu: bool) -> dict[str, Any]:
     """Serve options of the model deployment; pure, so the operator and tests can read them."""
-    return {
-        "name": MODEL_DEPLOYMENT,
-        "num_replicas": settings.replicas,
+    if settings.ingress == "replica":
+        # The replica bounds its own queue and answers 429 beyond it; Serve's bound must
+        # never be the one that binds, or requests would wait unseen in Serve's router.
+        ongoing = settings.max_num_seqs + settings.max_queue_depth + DIRECT_SPARE_REQUESTS
+    else:
         # A replica takes its sequence slots and a few more; a backlog waits in Serve's
         # router, where the first replica with room (a new one included) takes the oldest
         # request. The ingress bounds that backlog (`max_queue_depth` per ready replica)
         # and answers 429 beyond it, so Serve's own bound is off.
-        "max_ongoing_requests": settings.replica_capacity,
+        ongoing = settings.replica_capacity
+    return {
+        "name": MODEL_DEPLOYMENT,
+        "num_replicas": settings.replicas,
+        "max_ongoing_requests": ongoing,
         "max_queued_requests": -1,
         "health_check_period_s": settings.health_check_period_s,
         "health_check_timeout_s": 30.0,
@@ -84,6 +97,8 @@ def build_application(settings: ServeSettings, model_overrides: dict[str, Any] |
     options = {**model_options(settings, gpu), **(model_overrides or {})}
     if "autoscaling_config" in options:
         options.pop("num_replicas", None)
+    if settings.ingress == "replica":
+        return serve.deployment(DirectModelReplica).options(**options).bind(args, hub)
     model = serve.deployment(ModelReplica).options(**options).bind(args, hub)
     return (
         serve.deployment(OpenAIIngress)

@@ -18,10 +18,20 @@ from pathlib import Path
 from typing import Any
 
 from modelfleet.cpus import BINDINGS
-from modelfleet.serving.settings import API_KEY_ENV, HTTP_PROXIES, apply_serve_process_env, choose_http_proxy
+from modelfleet.serving.settings import (
+    API_KEY_ENV,
+    HTTP_PROXIES,
+    INGRESS_FORMS,
+    apply_serve_process_env,
+    choose_http_proxy,
+)
 
 APP_ROUTE = "/"
-PROXY_NAMES = {"haproxy": "HAProxy, to the ingress replica serving HTTP", "ray": "Ray Serve's HTTP proxy"}
+PROXY_NAMES = {"haproxy": "HAProxy", "ray": "Ray Serve's HTTP proxy"}
+INGRESS_NAMES = {
+    "replica": "to the model replicas, which serve the API themselves",
+    "separate": "to the ingress, which hands requests to the model replicas",
+}
 
 
 def register(subparsers: Any) -> None:
@@ -52,6 +62,14 @@ def register(subparsers: Any) -> None:
         help="what listens on the API port: haproxy (forwards to an ingress replica that serves HTTP "
         "itself; the faster path), ray (Ray Serve's Python proxy), or auto: haproxy when its binary "
         "is installed (ray[serve] brings one on Linux)",
+    )
+    p.add_argument(
+        "--ingress",
+        choices=("auto", *INGRESS_FORMS),
+        default="auto",
+        help="where the OpenAI API is served: replica (each model replica serves it itself: one hop "
+        "fewer per request), separate (an ingress deployment in front, as the operator runs it: holds "
+        "requests while no replica is ready), or auto: replica unless the deployment has 0 replicas",
     )
     p.add_argument(
         "--cpu-binding",
@@ -130,9 +148,16 @@ def _settings(md: Any, args: argparse.Namespace) -> Any:
         max_queue_depth=args.max_queue_depth,
         device=args.device,
         api_key=key,
+        ingress=_ingress(args.ingress, args.replicas if args.replicas is not None else md.spec.replicas),
     )
     settings.resolve_api_key()  # a manifest that names a key secret needs a key here too
     return settings
+
+
+def _ingress(requested: str, replicas: int) -> str:
+    if requested != "auto":
+        return requested
+    return "replica" if replicas >= 1 else "separate"
 
 
 def _run(settings: Any, host: str, port: int, proxy: str, cpu_binding: str = "off") -> int:
@@ -305,7 +330,7 @@ def _print_ready(settings: Any, host: str, port: int, proxy: str, cpus_line: str
 
   endpoint  {base}
   health    http://{_client_host(host)}:{port}/health   ready: /ready   metrics: /metrics
-  proxy     {PROXY_NAMES[proxy]}
+  proxy     {PROXY_NAMES[proxy]}, {INGRESS_NAMES[settings.ingress]}
 {cpus}
 Try it:
 

@@ -50,7 +50,7 @@ class ReplicaMetrics:
 
     def __init__(self, name: str, namespace: str, replica: str):
         self.registry = CollectorRegistry(auto_describe=False)
-        labels = (name, namespace, replica)
+        labels = self._labels = (name, namespace, replica)
         r = self.registry
 
         def gauge(metric: str, doc: str) -> Gauge:
@@ -91,8 +91,24 @@ class ReplicaMetrics:
             registry=r,
         ).labels(*labels)
 
+    def count_requests(self) -> None:
+        """Also count API requests by status: for a replica that serves the API itself."""
+        self._requests = request_counter(self.registry)
+
+    def count(self, status: int) -> None:
+        self._requests.labels(*self._labels, str(status)).inc()
+
     def text(self) -> str:
         return generate_latest(self.registry).decode()
+
+
+def request_counter(registry: CollectorRegistry) -> Counter:
+    return Counter(
+        "modelfleet_requests",
+        "API requests by HTTP status (499: the client went away mid-stream).",
+        (*LABELS, "status"),
+        registry=registry,
+    )
 
 
 class IngressMetrics:
@@ -101,12 +117,7 @@ class IngressMetrics:
     def __init__(self, name: str, namespace: str, replica: str):
         self.registry = CollectorRegistry(auto_describe=False)
         self._labels = (name, namespace, replica)
-        self._requests = Counter(
-            "modelfleet_requests",
-            "API requests by HTTP status (499: the client went away mid-stream).",
-            (*LABELS, "status"),
-            registry=self.registry,
-        )
+        self._requests = request_counter(self.registry)
 
         self.held = 0
         self._held = Gauge(

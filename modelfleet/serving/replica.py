@@ -42,15 +42,17 @@ FIRST_TOKEN_WAIT_S = 0.05
 
 
 class Admission:
-    """Counts of one replica's requests: waiting (no token yet) and running."""
+    """Counts of one replica's requests: waiting (no token yet) and running. It takes a request
+    while the waiting ones fit in the free sequence slots plus `queue` more."""
 
-    def __init__(self, max_waiting: int):
-        self.max_waiting = max_waiting
+    def __init__(self, slots: int, queue: int):
+        self.slots = slots
+        self.queue = queue
         self.waiting = 0
         self.running = 0
 
     def admit(self) -> None:
-        if self.waiting >= self.max_waiting:
+        if self.waiting >= max(0, self.slots - self.running) + self.queue:
             raise errors.queue_full(self.waiting)
         self.waiting += 1
 
@@ -76,8 +78,7 @@ class ModelReplica:
         self.replica_id = _replica_id()
         self.metrics = ReplicaMetrics(s.name, s.namespace, self.replica_id)
         self.metrics.max_queue_depth.set(s.max_queue_depth)
-        # Serve routes no more than this here; the check guards calls made past the router.
-        self.admission = Admission(s.replica_capacity)
+        self.admission = Admission(s.max_num_seqs, self.queue_limit())
         self.fault: str | None = None
         cfg = EngineConfig(
             model=s.model,
@@ -111,6 +112,12 @@ class ModelReplica:
         self._pusher = asyncio.create_task(self._push_metrics()) if hub is not None else None
         self._ready_file = mark_ready(self.replica_id)
         log.info("replica %s ready: %s (TP %d)", self.replica_id, s.model, s.tensor_parallel_size)
+
+    def queue_limit(self) -> int:
+        """Requests this replica holds beyond its free sequence slots. Behind the separate
+        ingress Serve's router sends no more than its capacity here (the backlog waits at the
+        ingress), so the check only guards calls made past the router."""
+        return self.settings.replica_waiting_limit
 
     # -- Serve hooks -------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ SERVE_PROCESS_ENV = {
 # Serve's own Python HTTP proxy. `auto`: HAProxy when its binary is installed (`ray[serve]`
 # brings one on Linux).
 HTTP_PROXIES = ("auto", "haproxy", "ray")
+INGRESS_FORMS = ("separate", "replica")
 HAPROXY_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
@@ -228,6 +229,12 @@ class ServeSettings:
     emulated_step_s: float = 0.0
     """Benchmarks on a CPU-only machine: every engine step lasts at least this long, asleep
     for the rest, like a device whose step time is fixed (see EngineConfig)."""
+    ingress: str = "separate"
+    """Where the OpenAI API is served. `separate`: an ingress deployment in front of the model
+    replicas, which holds requests while no replica has room (scaling from zero, a backlog
+    taken by whichever replica frees a slot first; the operator's form). `replica`: each model
+    replica serves it itself, one hop shorter, with a queue of its own (`modelfleet serve`'s
+    default; needs at least one replica)."""
     health_check_period_s: float = 2.0
     enable_fault_injection: bool = False
     """Adds a handle method that breaks the engine; for recovery tests only."""
@@ -248,6 +255,14 @@ class ServeSettings:
         object.__setattr__(self, "engine_cpus", cpus)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.ingress not in INGRESS_FORMS:
+            raise ValueError(f"ingress must be {' or '.join(INGRESS_FORMS)}, got {self.ingress!r}")
+        if self.ingress == "replica" and self.replicas < 1:
+            raise ValueError(
+                "replicas must be >= 1 when the replicas serve the API themselves (ingress "
+                "'replica'): with none, nothing would answer; use ingress 'separate' to hold "
+                "requests until a replica is ready"
+            )
 
     @property
     def replica_waiting_limit(self) -> int:

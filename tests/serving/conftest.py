@@ -5,6 +5,7 @@ side by side:
 - main:  builtin tiny-llama, TP 1: the API surface, streaming, errors, concurrency.
 - small: builtin tiny-llama with one sequence slot, a queue of one and steps of at least
          10 ms: 429, cancellation, and an injected engine fault.
+- direct: as `small`, but its model replica serves the API itself (no ingress deployment).
 - tp2:   a random-weight Hugging Face checkpoint at TP 2 on the CPU, behind an API key:
          greedy output against transformers, and key enforcement.
 """
@@ -42,22 +43,23 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+        one_slot = dict(
+            model="builtin://tiny-llama",
+            max_num_seqs=1,
+            max_queue_depth=1,
+            device="cpu",
+            enable_fault_injection=True,
+            # Steps of at least 10 ms: a long request holds the one slot for 15 s, on any
+            # machine, while a test reads the queue off metrics pushed once a second (at
+            # the tiny model's own speed, 1500 tokens can be done in under 2 s).
+            emulated_step_s=0.01,
+        )
         apps = {
             "main": ServeSettings(
                 name="main", served_name="tiny", model="builtin://tiny-llama", max_num_seqs=32, device="cpu"
             ),
-            "small": ServeSettings(
-                name="small",
-                model="builtin://tiny-llama",
-                max_num_seqs=1,
-                max_queue_depth=1,
-                device="cpu",
-                enable_fault_injection=True,
-                # Steps of at least 10 ms: a long request holds the one slot for 15 s, on any
-                # machine, while a test reads the queue off metrics pushed once a second (at
-                # the tiny model's own speed, 1500 tokens can be done in under 2 s).
-                emulated_step_s=0.01,
-            ),
+            "small": ServeSettings(name="small", **one_slot),
+            "direct": ServeSettings(name="direct", ingress="replica", **one_slot),
             "tp2": ServeSettings(
                 name="tp2",
                 model=f"file://{ckpt}",
@@ -81,10 +83,11 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
         result = Serving(
             main=App("main", f"{base}/main", "tiny"),
             small=App("small", f"{base}/small", "small"),
+            direct=App("direct", f"{base}/direct", "direct"),
             tp2=App("tp2", f"{base}/tp2", "tp2", api_key=API_KEY),
             checkpoint=ckpt,
         )
-        for app in (result.main, result.small, result.tp2):
+        for app in (result.main, result.small, result.direct, result.tp2):
             eventually(lambda app=app: httpx.get(f"{app.base}/ready", timeout=5).status_code == 200, 120)
         yield result
     finally:

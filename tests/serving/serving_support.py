@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,5 +122,78 @@ class App:
 class Serving:
     main: App
     small: App
+    direct: App
     tp2: App
     checkpoint: Path
+
+
+class Stream:
+    """A raw SSE stream read in a thread, so a test can hold it open and then drop it."""
+
+    def __init__(self, url: str, body: dict):
+        self.client = httpx.Client(timeout=120)
+        self.first = threading.Event()
+        self.events = 0
+        self.status: int | None = None
+        self.data: list[str] = []  # every event's data
+        self._cm = self.client.stream("POST", url, json=body)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            with self._cm as r:
+                self.status = r.status_code
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        self.events += 1
+                        self.data.append(line[6:])
+                        self.first.set()
+        except httpx.HTTPError:
+            pass
+        finally:
+            self.first.set()
+
+    def close(self) -> None:
+        self.client.close()  # drops the connection mid-stream
+        self._thread.join(30)
+
+
+def idle(app: App) -> dict | None:
+    """The replica's stats when nothing waits or runs there, else None."""
+    st = app.stats()
+    return st if st["waiting"] == 0 and st["running"] == 0 and st["engine_running"] == 0 else None
+
+
+def check_queue_full_answer(app: App) -> None:
+    """A request to `app` now gets a 429 in OpenAI's shape, with Retry-After, and the official
+    client raises its rate-limit error for it."""
+    import openai
+
+    body = {"model": app.served_name, "prompt": "Hi", "max_tokens": 4}
+    resp = httpx.post(f"{app.v1}/completions", json=body, timeout=30)
+    assert resp.status_code == 429, resp.text
+    assert resp.headers["retry-after"] == "1"
+    err = resp.json()["error"]
+    assert err["type"] == "rate_limit_error" and err["code"] == "queue_full"
+    try:
+        app.client().completions.create(**body)
+        raise AssertionError("expected 429")
+    except openai.RateLimitError:
+        pass
+
+
+def check_cancelled_stream_frees_its_slot(app: App, long: dict[str, Any]) -> None:
+    """A client that drops a long stream of `app` mid-way: the engine stops the request (nothing
+    runs, its KV blocks are back), the API counts a 499, and the one slot serves the next one."""
+    eventually(lambda: idle(app), 60)
+    before = app.stats()["kv_blocks_used"]
+    stream = Stream(f"{app.v1}/completions", {**long, "max_tokens": 2000})
+    assert stream.first.wait(60)
+    eventually(lambda: stream.events >= 3, 30)
+    stream.close()
+    st = eventually(lambda: idle(app), 60)
+    assert st["kv_blocks_used"] <= before
+    eventually(lambda: 'status="499"' in app.metrics(), 30)
+    out = app.client().completions.create(model=app.served_name, prompt="Next", max_tokens=4)
+    assert out.usage.completion_tokens >= 1

@@ -8,50 +8,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 
-import httpx
 import openai
-from serving_support import eventually, per_replica
+from serving_support import (
+    Stream,
+    check_cancelled_stream_frees_its_slot,
+    check_queue_full_answer,
+    eventually,
+    idle,
+    per_replica,
+)
 
 LONG = {"model": "small", "prompt": "Go on and on", "max_tokens": 1500, "stream": True, "ignore_eos": True}
-
-
-class Stream:
-    """A raw SSE stream read in a thread, so a test can hold it open and then drop it."""
-
-    def __init__(self, url: str, body: dict):
-        self.client = httpx.Client(timeout=120)
-        self.first = threading.Event()
-        self.events = 0
-        self.status: int | None = None
-        self.data: list[str] = []  # every event's data
-        self._cm = self.client.stream("POST", url, json=body)
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        try:
-            with self._cm as r:
-                self.status = r.status_code
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        self.events += 1
-                        self.data.append(line[6:])
-                        self.first.set()
-        except httpx.HTTPError:
-            pass
-        finally:
-            self.first.set()
-
-    def close(self) -> None:
-        self.client.close()  # drops the connection mid-stream
-        self._thread.join(30)
-
-
-def _idle(app) -> dict | None:
-    st = app.stats()
-    return st if st["waiting"] == 0 and st["running"] == 0 and st["engine_running"] == 0 else None
 
 
 def queue(app) -> tuple[float, float]:
@@ -72,23 +40,13 @@ def test_full_queue_answers_429_then_service_resumes(serving):
     held = Stream(url, {**LONG, "max_tokens": 4})  # the replica is full: the ingress holds it
     eventually(lambda: queue(app) == (1.0, 1.0), 30)
     assert held.status is None  # no response yet: it has no status until a replica takes it
-    resp = httpx.post(url, json={"model": "small", "prompt": "Hi", "max_tokens": 4}, timeout=30)
-    assert resp.status_code == 429, resp.text
-    assert resp.headers["retry-after"] == "1"
-    err = resp.json()["error"]
-    assert err["type"] == "rate_limit_error" and err["code"] == "queue_full"
-    with_client = app.client()
-    try:
-        with_client.completions.create(model="small", prompt="Hi", max_tokens=4)
-        raise AssertionError("expected 429")
-    except openai.RateLimitError:
-        pass
+    check_queue_full_answer(app)
     running.close()
     for stream in (waiting, held):
         stream.first.wait(60)
         stream._thread.join(60)
         assert stream.status == 200 and stream.data[-1] == "[DONE]"
-    eventually(lambda: _idle(app), 60)
+    eventually(lambda: idle(app), 60)
     eventually(lambda: queue(app) == (0.0, 0.0), 10)
     out = app.client().completions.create(model="small", prompt="Hi", max_tokens=4)
     assert out.choices[0].text is not None
@@ -96,20 +54,7 @@ def test_full_queue_answers_429_then_service_resumes(serving):
 
 
 def test_cancelled_stream_frees_its_slot(serving):
-    app = serving.small
-    eventually(lambda: _idle(app), 60)
-    before = app.handle().stats.remote().result()["kv_blocks_used"]
-    stream = Stream(f"{app.v1}/completions", {**LONG, "max_tokens": 2000})
-    assert stream.first.wait(60)
-    eventually(lambda: stream.events >= 3, 30)
-    stream.close()
-    # The engine stops the 2000-token request: nothing runs, its KV blocks are back.
-    st = eventually(lambda: _idle(app), 60)
-    assert st["kv_blocks_used"] <= before
-    eventually(lambda: 'status="499"' in app.metrics(), 30)  # the ingress saw the client go
-    # The single slot serves the next request.
-    out = app.client().completions.create(model="small", prompt="Next", max_tokens=4)
-    assert out.usage.completion_tokens >= 1
+    check_cancelled_stream_frees_its_slot(serving.small, LONG)
 
 
 def test_engine_fault_is_500_and_the_replica_is_replaced(serving):
@@ -134,7 +79,7 @@ def test_engine_fault_is_500_and_the_replica_is_replaced(serving):
 def test_engine_process_killed_mid_stream_ends_it_with_an_error_and_the_replica_is_replaced(serving):
     """A real fault rather than an injected one: the replica's engine process dies."""
     app = serving.small
-    st = eventually(lambda: _idle(app), 180)
+    st = eventually(lambda: idle(app), 180)
     pid = st["engine_pid"]
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         assert b"modelfleet.engine.process" in f.read()  # the engine is a process of its own

@@ -97,8 +97,8 @@ def _check_cpu_binding(proc: subprocess.Popen, banner: str, binding: str) -> Non
             assert os.sched_getaffinity(pid) == serving_cpus, cmd
 
 
-@pytest.mark.parametrize("binding", ["off", "auto"])
-def test_serve_tiny_manifest_then_ctrl_c(binding):
+@pytest.mark.parametrize(("binding", "ingress"), [("off", "auto"), ("auto", "auto"), ("off", "separate")])
+def test_serve_tiny_manifest_then_ctrl_c(binding, ingress):
     port = free_port()
     haproxy_before = _haproxy_configs()  # this session's own Serve instance runs one
     ray_tmp = tempfile.mkdtemp(prefix="mf", dir="/tmp")  # short: Ray puts sockets under it
@@ -106,7 +106,8 @@ def test_serve_tiny_manifest_then_ctrl_c(binding):
     env.pop("MODELFLEET_API_KEY", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "modelfleet.cli", "serve", "-f", "examples/tiny.yaml", "--port", str(port)]
-        + ([] if binding == "off" else ["--cpu-binding", binding]),
+        + ([] if binding == "off" else ["--cpu-binding", binding])
+        + ([] if ingress == "auto" else ["--ingress", ingress]),
         cwd=REPO,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -130,6 +131,9 @@ def test_serve_tiny_manifest_then_ctrl_c(binding):
         assert "curl " in banner and "from openai import OpenAI" in banner
         # ray[serve] brings an HAProxy binary on Linux, so `auto` puts HAProxy on the port.
         assert "proxy     HAProxy" in banner
+        # By default the model replicas serve the API themselves (the manifest has a replica).
+        where = "to the ingress" if ingress == "separate" else "to the model replicas"
+        assert where in banner, banner
         assert _haproxy_configs() - haproxy_before, "no HAProxy process of its own"
         _check_cpu_binding(proc, banner, binding)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
@@ -138,6 +142,11 @@ def test_serve_tiny_manifest_then_ctrl_c(binding):
             model="tiny", messages=[{"role": "user", "content": "Hello!"}], max_tokens=8
         )
         assert chat.choices[0].message.content
+        stream = client.completions.create(
+            model="tiny", prompt="Once", max_tokens=6, stream=True, extra_body={"ignore_eos": True}
+        )
+        texts = [c.choices[0].text for c in stream if c.choices and c.choices[0].text]
+        assert len(texts) >= 2  # chunk by chunk through HAProxy
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0
     finally:

@@ -51,7 +51,7 @@ def _value(metrics: ReplicaMetrics, name: str, **labels: str) -> float | None:
 async def test_gathered_tokens_keep_their_own_gaps():
     metrics = ReplicaMetrics(*LABELS.values())
     engine = ScriptedEngine()
-    admission = Admission(8)
+    admission = Admission(8, 0)
     admission.admit()
     replica = SimpleNamespace(engine=engine, metrics=metrics, admission=admission, _fail=lambda exc: exc)
     writer = ResponseWriter("completion", "tiny", 1, want_logprobs=False, include_usage=False)

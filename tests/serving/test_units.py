@@ -3,6 +3,7 @@ the metrics merge, and response framing."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import tempfile
@@ -164,6 +165,55 @@ def test_model_options_bound_the_queue():
     assert opts["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1.0}] * 2
 
 
+def test_replicas_serving_the_api_bound_their_own_queue_not_serves():
+    from modelfleet.serving.app import DIRECT_SPARE_REQUESTS, model_options
+
+    s = ServeSettings(name="x", max_num_seqs=8, max_queue_depth=4, ingress="replica")
+    # The replica answers 429 past its slots and queue; Serve's bound sits above that.
+    assert model_options(s, gpu=False)["max_ongoing_requests"] == 8 + 4 + DIRECT_SPARE_REQUESTS
+
+
+def test_the_ingress_setting_is_checked():
+    with pytest.raises(ValueError, match="ingress must be separate or replica, got 'sideways'"):
+        ServeSettings(name="x", ingress="sideways")
+    with pytest.raises(ValueError, match="replicas must be >= 1 when the replicas serve the API"):
+        ServeSettings(name="x", ingress="replica", replicas=0)
+    assert ServeSettings(name="x").ingress == "separate"  # the operator's form
+
+
+def test_admission_takes_free_slots_plus_the_queue():
+    from modelfleet.serving.replica import Admission
+
+    a = Admission(slots=2, queue=1)
+    for _ in range(3):  # two for the free slots, one queued
+        a.admit()
+    with pytest.raises(APIError) as info:
+        a.admit()
+    assert info.value.status == 429 and info.value.headers() == {"Retry-After": "1"}
+    a.start()
+    a.start()  # both slots busy: one may wait, and one does
+    with pytest.raises(APIError):
+        a.admit()
+    a.finish(started=True)  # a slot frees: room for one more
+    a.admit()
+    assert (a.waiting, a.running) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    ("replicas", "requested", "chosen"),
+    [(1, "auto", "replica"), (3, "auto", "replica"), (0, "auto", "separate"), (1, "separate", "separate")],
+)
+def test_serve_puts_the_api_on_the_replicas_unless_there_are_none(replicas, requested, chosen):
+    from modelfleet.api import load_manifest
+    from modelfleet.serving.command import _settings, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "-f", str(REPO / "examples" / "tiny.yaml"), "--ingress", requested])
+    args.replicas = replicas
+    assert _settings(load_manifest(args.file), args).ingress == chosen
+
+
 @pytest.mark.parametrize(
     ("max_num_seqs", "max_queue_depth", "limit"),
     [(1, 1, 1), (2, 128, 1), (8, 128, 2), (9, 128, 3), (256, 128, 64), (256, 16, 16)],
@@ -313,7 +363,7 @@ def test_serve_help_lists_the_options(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--model", "--tp", "--replicas", "--host", "--port", "--api-key-file"):
+    for flag in ("--model", "--tp", "--replicas", "--host", "--port", "--api-key-file", "--ingress"):
         assert flag in out
 
 
