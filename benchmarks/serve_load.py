@@ -36,6 +36,8 @@ from typing import Any
 import aiohttp
 import httpx
 
+from modelfleet.serving.command import INGRESS_NAMES
+
 OUT = Path(__file__).resolve().parent / "out"
 WORDS = [
     "the",
@@ -307,7 +309,7 @@ def start_command_endpoint(
     banner = log_path.read_text(errors="replace")
     proxy = "haproxy" if "proxy     HAProxy" in banner else "ray"
     cpus = re.search(r"^  cpus      (.+)$", banner, re.MULTILINE)
-    served_by = "replica" if "to the model replicas" in banner else "separate"
+    served_by = next(form for form, words in INGRESS_NAMES.items() if words in banner)
     return base, "bench", proxy, cpus.group(1) if cpus else "off", served_by, proc
 
 
