@@ -14,9 +14,10 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
-from serving_support import eventually, free_port
+from serving_support import eventually, free_port, per_replica
 
 from modelfleet.cpus import plan_cpus
 
@@ -97,6 +98,25 @@ def _check_cpu_binding(proc: subprocess.Popen, banner: str, binding: str) -> Non
             assert os.sched_getaffinity(pid) == serving_cpus, cmd
 
 
+def _dropped_stream_stops_generating(base: str) -> None:
+    """A client that drops a long stream mid-way through HAProxy: the API counts a 499 and the
+    engine stops (no more tokens generated)."""
+    body = {"model": "tiny", "prompt": "Go", "max_tokens": 1800, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=60) as client, client.stream("POST", f"{base}/v1/completions", json=body) as r:
+        for n, _ in enumerate(r.iter_lines()):
+            if n >= 8:
+                break  # leaving the block closes the connection
+
+    def tokens() -> float:
+        page = httpx.get(f"{base}/metrics", timeout=10).text
+        return sum(per_replica(page, "modelfleet_generation_tokens_total").values())
+
+    eventually(lambda: 'status="499"' in httpx.get(f"{base}/metrics", timeout=10).text, 30)
+    before = tokens()
+    time.sleep(2.5)  # metrics are pushed once a second
+    assert tokens() == before < 1800
+
+
 @pytest.mark.parametrize(("binding", "ingress"), [("off", "auto"), ("auto", "auto"), ("off", "separate")])
 def test_serve_tiny_manifest_then_ctrl_c(binding, ingress):
     port = free_port()
@@ -147,6 +167,7 @@ def test_serve_tiny_manifest_then_ctrl_c(binding, ingress):
         )
         texts = [c.choices[0].text for c in stream if c.choices and c.choices[0].text]
         assert len(texts) >= 2  # chunk by chunk through HAProxy
+        _dropped_stream_stops_generating(f"http://127.0.0.1:{port}")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0
     finally:
