@@ -12,6 +12,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -111,23 +113,36 @@ def _dropped_stream_stops_generating(base: str) -> None:
         page = httpx.get(f"{base}/metrics", timeout=10).text
         return sum(per_replica(page, "modelfleet_generation_tokens_total").values())
 
+    def settled() -> float | None:
+        before = tokens()
+        time.sleep(2.5)  # metrics are pushed once a second
+        return before if tokens() == before else None
+
     eventually(lambda: 'status="499"' in httpx.get(f"{base}/metrics", timeout=10).text, 30)
-    before = tokens()
-    time.sleep(2.5)  # metrics are pushed once a second
-    assert tokens() == before < 1800
+    # Left running, the request would make all its tokens and stop there.
+    assert eventually(settled, 30) < 1800
 
 
-@pytest.mark.parametrize(("binding", "ingress"), [("off", "auto"), ("auto", "auto"), ("off", "separate")])
-def test_serve_tiny_manifest_then_ctrl_c(binding, ingress):
+@dataclass
+class Served:
+    proc: subprocess.Popen
+    port: int
+    out: list[str] = field(default_factory=list)
+    err: list[str] = field(default_factory=list)
+
+    @property
+    def banner(self) -> str:
+        return "".join(self.out)
+
+
+@contextlib.contextmanager
+def modelfleet_serve(*args: str, env: dict[str, str] | None = None) -> Iterator[Served]:
+    """`modelfleet serve -f examples/tiny.yaml ARGS` until it prints its banner; on leaving, killed
+    if it is still running (a test that checks Ctrl-C sends it itself)."""
     port = free_port()
-    haproxy_before = _haproxy_configs()  # this session's own Serve instance runs one
-    ray_tmp = tempfile.mkdtemp(prefix="mf", dir="/tmp")  # short: Ray puts sockets under it
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    env.pop("MODELFLEET_API_KEY", None)
+    command = [sys.executable, "-m", "modelfleet.cli", "serve", "-f", "examples/tiny.yaml"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "modelfleet.cli", "serve", "-f", "examples/tiny.yaml", "--port", str(port)]
-        + ([] if binding == "off" else ["--cpu-binding", binding])
-        + ([] if ingress == "auto" else ["--ingress", ingress]),
+        [*command, "--port", str(port), *args],
         cwd=REPO,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -135,18 +150,44 @@ def test_serve_tiny_manifest_then_ctrl_c(binding, ingress):
         stderr=subprocess.PIPE,
         text=True,
     )
-    out: list[str] = []
-    err: list[str] = []
+    served = Served(proc, port)
     readers = [
-        threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True),
-        threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True),
+        threading.Thread(target=lambda: served.out.extend(proc.stdout), daemon=True),
+        threading.Thread(target=lambda: served.err.extend(proc.stderr), daemon=True),
     ]
     for r in readers:
         r.start()
     try:
-        eventually(lambda: any("Press Ctrl-C" in line for line in out) or proc.poll() is not None, 240)
-        assert proc.poll() is None, "".join(err)[-3000:]
-        banner = "".join(out)
+        eventually(lambda: "Press Ctrl-C" in served.banner or proc.poll() is not None, 240)
+        assert proc.poll() is None, "".join(served.err)[-3000:]
+        yield served
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for r in readers:
+            r.join(10)
+
+
+def _fresh_env(ray_tmp: str) -> dict[str, str]:
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}  # short: Ray puts sockets under it
+    env.pop("MODELFLEET_API_KEY", None)
+    return env
+
+
+@pytest.mark.parametrize(("binding", "ingress"), [("off", "auto"), ("auto", "auto"), ("off", "separate")])
+def test_serve_tiny_manifest_then_ctrl_c(binding, ingress):
+    haproxy_before = _haproxy_configs()  # this session's own Serve instance runs one
+    ray_tmp = tempfile.mkdtemp(prefix="mf", dir="/tmp")
+    args = ([] if binding == "off" else ["--cpu-binding", binding]) + (
+        [] if ingress == "auto" else ["--ingress", ingress]
+    )
+    with modelfleet_serve(*args, env=_fresh_env(ray_tmp)) as served:
+        port, banner = served.port, served.banner
         assert f"http://127.0.0.1:{port}/v1" in banner
         assert "curl " in banner and "from openai import OpenAI" in banner
         # ray[serve] brings an HAProxy binary on Linux, so `auto` puts HAProxy on the port.
@@ -155,7 +196,7 @@ def test_serve_tiny_manifest_then_ctrl_c(binding, ingress):
         where = "to the ingress" if ingress == "separate" else "to the model replicas"
         assert where in banner, banner
         assert _haproxy_configs() - haproxy_before, "no HAProxy process of its own"
-        _check_cpu_binding(proc, banner, binding)
+        _check_cpu_binding(served.proc, banner, binding)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny"]
         chat = client.chat.completions.create(
@@ -168,17 +209,29 @@ def test_serve_tiny_manifest_then_ctrl_c(binding, ingress):
         texts = [c.choices[0].text for c in stream if c.choices and c.choices[0].text]
         assert len(texts) >= 2  # chunk by chunk through HAProxy
         _dropped_stream_stops_generating(f"http://127.0.0.1:{port}")
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    for r in readers:
-        r.join(10)
-    assert "Shutting down" in "".join(err)
+        served.proc.send_signal(signal.SIGINT)
+        assert served.proc.wait(timeout=120) == 0
+    assert "Shutting down" in "".join(served.err)
     deadline = time.monotonic() + 30
     while _processes_mentioning(ray_tmp) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _processes_mentioning(ray_tmp) == []
     assert _haproxy_configs() <= haproxy_before, "HAProxy left running"
+
+
+def test_replicas_serving_the_api_enforce_the_key_file(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret-key\n")
+    ray_tmp = tempfile.mkdtemp(prefix="mf", dir="/tmp")
+    with modelfleet_serve("--api-key-file", str(key_file), env=_fresh_env(ray_tmp)) as served:
+        assert "to the model replicas" in served.banner
+        base = f"http://127.0.0.1:{served.port}"
+        resp = httpx.get(f"{base}/v1/models", timeout=30)
+        assert resp.status_code == 401 and resp.json()["error"]["type"] == "authentication_error"
+        wrong = openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.completions.create(model="tiny", prompt="Hi", max_tokens=2)
+        right = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret-key", max_retries=0)
+        assert right.completions.create(model="tiny", prompt="Hi", max_tokens=2).choices
+        for open_path in ("/health", "/ready", "/metrics"):  # no key needed
+            assert httpx.get(f"{base}{open_path}", timeout=30).status_code == 200
