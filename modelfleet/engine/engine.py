@@ -174,33 +174,35 @@ class LLMEngine(EngineFrontend):
             self._drain_control()
             if not self.scheduler.has_work():
                 return []
-            seqs, is_prefill = self.scheduler.schedule()
-            if not seqs:
+            prefill, decode = self.scheduler.schedule()
+            if not (prefill or decode):
                 return []
-            if not is_prefill:  # similar lengths side by side: less padding in attention
-                seqs = sorted(seqs, key=len)
-            step = self._step_input(seqs, is_prefill)
+            decode.sort(key=len)  # similar lengths side by side: less padding in attention
+            seqs = prefill + decode
+            step = self._step_input(seqs, len(prefill))
             logits = self.runner.call("run", step)
             result = sample(logits, seqs, self._generator)
-            outputs = self._postprocess(seqs, result, is_prefill)
+            outputs = self._postprocess(seqs, result)
         if self.config.emulated_step_s:  # outside the lock: submit and abort go on meanwhile
             time.sleep(max(0.0, started + self.config.emulated_step_s - time.monotonic()))
         return outputs
 
-    def _step_input(self, seqs: list[Sequence], is_prefill: bool) -> StepInput:
+    def _step_input(self, seqs: list[Sequence], num_prefill: int) -> StepInput:
+        """The first `num_prefill` sequences run their prompts (past any cached prefix), the
+        rest their last token."""
         ids: list[int] = []
         pos: list[int] = []
         qlens: list[int] = []
-        for s in seqs:
-            start = s.num_computed_tokens if is_prefill else len(s) - 1
+        for i, s in enumerate(seqs):
+            start = s.num_computed_tokens
             ids += s.token_ids[start:]
             pos += range(start, len(s))
             qlens.append(len(s) - start)
-            if is_prefill and s.num_output_tokens == 0:
+            if i < num_prefill and s.num_output_tokens == 0:
                 self.prompt_tokens_total += s.num_prompt_tokens
-        return StepInput(is_prefill, ids, pos, [s.block_table for s in seqs], qlens, [len(s) for s in seqs])
+        return StepInput(num_prefill, ids, pos, [s.block_table for s in seqs], qlens, [len(s) for s in seqs])
 
-    def _postprocess(self, seqs, result, is_prefill) -> list[tuple[_Request, RequestOutput]]:
+    def _postprocess(self, seqs, result) -> list[tuple[_Request, RequestOutput]]:
         outputs = []
         for i, seq in enumerate(seqs):
             req = self._requests[seq.seq_id]

@@ -40,13 +40,16 @@ class RunnerSpec:
 
 @dataclass
 class StepInput:
-    is_prefill: bool
+    """One forward: the first `num_prefill` sequences run a prompt (every token past a cached
+    prefix), the others decode their last token; rows of the inputs follow that order."""
+
+    num_prefill: int
     input_ids: list[int]  # [T]
     positions: list[int]  # [T]
     block_tables: list[list[int]]  # [B][blocks]
     query_lens: list[int]  # [B]
     context_lens: list[int]  # [B] tokens in the cache after this step
-    all_logits: bool = False  # prefill: logits of every token, not only the last (tests)
+    all_logits: bool = False  # logits of every token, not only each sequence's last (tests)
 
 
 class ModelRunner:
@@ -142,25 +145,27 @@ class ModelRunner:
         slot_mapping: list[int] = []
         for table, q, ctx in zip(step.block_tables, step.query_lens, step.context_lens, strict=True):
             slot_mapping += self._slots(table, ctx - q, ctx)
-        if step.is_prefill:
-            seqs, prefix = [], []
-            start = 0
-            for table, q, ctx in zip(step.block_tables, step.query_lens, step.context_lens, strict=True):
-                seqs.append((start, q, ctx))
-                prefix.append(self._tensor(self._slots(table, 0, ctx)) if ctx > q else None)
-                start += q
-            return AttentionContext(True, self._tensor(slot_mapping), seqs, prefix)
-        # decode: whole blocks of every context, padding reads the zero block; sequences come
-        # sorted by length, and groups of them are padded only to their own longest context
+        p = step.num_prefill
+        seqs, prefix = [], []
+        start = 0
+        prompts = zip(step.block_tables[:p], step.query_lens[:p], step.context_lens[:p], strict=True)
+        for table, q, ctx in prompts:
+            seqs.append((start, q, ctx))
+            prefix.append(self._tensor(self._slots(table, 0, ctx)) if ctx > q else None)
+            start += q
+        # decode, on the rows after the prompts': whole blocks of every context, padding reads
+        # the zero block; sequences come sorted by length, and groups of them are padded only
+        # to their own longest context
         groups = []
-        for start in range(0, len(step.block_tables), DECODE_GROUP):
-            lens = step.context_lens[start : start + DECODE_GROUP]
+        tables_d, lens_d = step.block_tables[p:], step.context_lens[p:]
+        for first in range(0, len(tables_d), DECODE_GROUP):
+            lens = lens_d[first : first + DECODE_GROUP]
             width = -(-max(lens) // self.block_size)
             tables = [t[:width] + [0] * (width - len(t[:width]))
-                      for t in step.block_tables[start : start + DECODE_GROUP]]
+                      for t in tables_d[first : first + DECODE_GROUP]]
             visible = torch.arange(width * self.block_size)[None, :] < torch.tensor(lens)[:, None]
-            groups.append((start, self._tensor(tables), visible[:, None, None, :].to(self.device)))
-        return AttentionContext(False, self._tensor(slot_mapping), [], [], decode_groups=groups)
+            groups.append((start + first, self._tensor(tables), visible[:, None, None, :].to(self.device)))
+        return AttentionContext(self._tensor(slot_mapping), seqs, prefix, groups)
 
     @torch.inference_mode()
     def run(self, step: StepInput) -> torch.Tensor | None:
@@ -168,7 +173,7 @@ class ModelRunner:
         set_context(self.prepare(step))
         try:
             hidden = self.model(self._tensor(step.input_ids), self._tensor(step.positions))
-            if step.is_prefill and not step.all_logits:
+            if step.num_prefill and not step.all_logits:  # each sequence's last row
                 last = torch.tensor(step.query_lens).cumsum(0) - 1
                 hidden = hidden[last.to(self.device)]
             logits = self.model.compute_logits(hidden)

@@ -1,5 +1,6 @@
-"""Continuous batching: each step is either a prefill of newly admitted prompts or one decode
-token for every running sequence. When blocks run out, the youngest running sequences are
+"""Continuous batching: each step decodes one token for every running sequence and, in the same
+forward, prefills the prompts admitted since the last step, so a request that arrives does not
+hold up the ones already streaming. When blocks run out, the youngest running sequences are
 preempted and later recomputed from their tokens, so their output does not change.
 """
 
@@ -26,29 +27,20 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """Returns (sequences of this step, is_prefill)."""
-        batch: list[Sequence] = []
-        tokens = 0
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if not self.bm.can_allocate(seq):
-                break
-            if batch and tokens + len(seq) > self.max_num_batched_tokens:
-                break
-            self.bm.allocate(seq)
-            tokens += len(seq) - seq.num_cached_tokens
-            seq.status = Status.RUNNING
-            self.waiting.popleft()
-            batch.append(seq)
-        if batch:
-            self.running.extend(batch)
-            return batch, True
-        # decode: every running sequence gets one token; preempt the youngest when out of blocks
-        kept: list[Sequence] = []
+    def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
+        """One step: (prompts to prefill, running sequences that each decode one token).
+
+        Every running sequence decodes, the youngest preempted when blocks run out. Then waiting
+        prompts join in arrival order while there are sequence slots, blocks, and room in the
+        token budget; the first of them joins even past the budget, so a long prompt cannot be
+        kept waiting forever by the decodes. A step that had to preempt admits nothing: the
+        blocks it freed go to the sequences still running."""
+        decode: list[Sequence] = []
+        preempted = False
         while self.running:
             seq = self.running.popleft()
             while not self.bm.can_append(seq):
+                preempted = True
                 if self.running:
                     self.preempt(self.running.pop())
                 else:
@@ -56,9 +48,23 @@ class Scheduler:
                     break
             else:
                 self.bm.append(seq)
-                kept.append(seq)
-        self.running.extend(kept)
-        return kept, False
+                decode.append(seq)
+        self.running.extend(decode)
+        prefill: list[Sequence] = []
+        tokens = len(decode)
+        while not preempted and self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.bm.can_allocate(seq):
+                break
+            if prefill and tokens + len(seq) > self.max_num_batched_tokens:
+                break
+            self.bm.allocate(seq)
+            tokens += len(seq) - seq.num_cached_tokens
+            seq.status = Status.RUNNING
+            self.waiting.popleft()
+            self.running.append(seq)
+            prefill.append(seq)
+        return prefill, decode
 
     def preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1

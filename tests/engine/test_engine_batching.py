@@ -7,9 +7,12 @@ import random
 import time
 
 import pytest
+import torch
 
 from modelfleet.engine import EngineConfig, LLMEngine, SamplingParams
 from modelfleet.engine.errors import InvalidConfig
+from modelfleet.engine.model_runner import StepInput
+from modelfleet.engine.sequence import Sequence
 
 
 def prompts(n: int = 16, seed: int = 0) -> list[list[int]]:
@@ -50,6 +53,63 @@ async def run_concurrently(engine: LLMEngine, ps, lengths) -> list[list[int]]:
 async def test_sixteen_concurrent_requests_equal_each_alone(alone):
     engine = LLMEngine(EngineConfig(device="cpu", max_num_seqs=16))
     assert await run_concurrently(engine, prompts(), LENGTHS) == alone
+
+
+async def test_requests_that_join_running_ones_equal_each_alone(alone):
+    # each arrives a few milliseconds after the one before: its prompt runs in the same forward
+    # as the decodes of those already streaming
+    engine = LLMEngine(EngineConfig(device="cpu", max_num_seqs=16))
+
+    async def one(i, p, n):
+        await asyncio.sleep(0.004 * i)
+        ids = []
+        async for out in engine.generate(p, greedy(n)):
+            ids += out.token_ids
+        return ids
+
+    try:
+        pairs = enumerate(zip(prompts(), LENGTHS, strict=True))
+        got = await asyncio.gather(*(one(i, p, n) for i, (p, n) in pairs))
+    finally:
+        await engine.shutdown()
+    assert got == alone
+
+
+def test_a_step_of_prompts_and_decodes_gives_the_logits_of_each_alone():
+    engine = LLMEngine(EngineConfig(device="cpu", max_num_seqs=4))
+    bm, runner, bs = engine.block_manager, engine.runner, engine.config.block_size
+    a, b, c = (Sequence(p, greedy(4), bs) for p in prompts(3, seed=5))
+
+    def prefill(seqs):
+        for s in seqs:
+            bm.allocate(s)
+        return StepInput(len(seqs), [t for s in seqs for t in s.token_ids],
+                         [i for s in seqs for i in range(len(s))], [s.block_table for s in seqs],
+                         [len(s) for s in seqs], [len(s) for s in seqs])
+
+    def decode(seqs):
+        return StepInput(0, [s.token_ids[-1] for s in seqs], [len(s) - 1 for s in seqs],
+                         [s.block_table for s in seqs], [1] * len(seqs), [len(s) for s in seqs])
+
+    try:
+        runner.run(prefill([a, b]))
+        for s in (a, b):
+            s.token_ids.append(7)
+            bm.append(s)
+        decode_alone = runner.run(decode([a, b]))
+        alone_c = prefill([c])
+        c_alone = runner.run(alone_c)
+        both = decode([a, b])
+        # the same work in one forward (it writes the same keys and values again)
+        step = StepInput(1, alone_c.input_ids + both.input_ids, alone_c.positions + both.positions,
+                         alone_c.block_tables + both.block_tables, alone_c.query_lens + both.query_lens,
+                         alone_c.context_lens + both.context_lens)
+        logits = runner.run(step)
+    finally:
+        engine.close()
+    assert logits.shape[0] == 3
+    torch.testing.assert_close(logits[:1], c_alone, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[1:], decode_alone, rtol=1e-4, atol=1e-4)
 
 
 async def test_preemption_by_recompute_keeps_outputs(alone):

@@ -67,19 +67,18 @@ def test_scheduler_preempts_the_youngest_when_blocks_run_out():
     a, b = seq([1, 2, 3, 4, 5, 6, 7]), seq([9, 9, 9, 9, 9, 9, 9])
     sched.add(a)
     sched.add(b)
-    batch, prefill = sched.schedule()
-    assert prefill and batch == [a, b] and bm.num_free == 0
+    prefill, decode = sched.schedule()
+    assert prefill == [a, b] and decode == [] and bm.num_free == 0
     for s in (a, b):
         s.token_ids.append(1)  # 8 tokens: still fits two blocks each
-    batch, prefill = sched.schedule()
-    assert not prefill and batch == [a, b]
+    assert sched.schedule() == ([], [a, b])
     for s in (a, b):
         s.token_ids.append(1)  # 9 tokens: each needs a third block, only by preempting b
-    batch, prefill = sched.schedule()
-    assert batch == [a] and list(sched.waiting) == [b] and sched.num_preemptions == 1
+    assert sched.schedule() == ([], [a])  # b's freed blocks go to a, not back to b at once
+    assert list(sched.waiting) == [b] and sched.num_preemptions == 1
     sched.finish(a)
-    batch, prefill = sched.schedule()
-    assert prefill and batch == [b] and b.num_computed_tokens == 4  # its first block was cached
+    prefill, decode = sched.schedule()
+    assert prefill == [b] and decode == [] and b.num_computed_tokens == 4  # its first block was cached
 
 
 def test_token_budget_and_max_num_seqs():
@@ -88,8 +87,10 @@ def test_token_budget_and_max_num_seqs():
     seqs = [seq([i] * 6) for i in range(4)]
     for s in seqs:
         sched.add(s)
-    batch, _ = sched.schedule()
-    assert batch == seqs[:1]  # a second 6-token prompt would pass the 10-token budget
-    batch, _ = sched.schedule()
-    assert batch == seqs[1:2]  # max_num_seqs=2 reached afterwards
+    assert sched.schedule() == (seqs[:1], [])  # a second 6-token prompt would pass the 10-token budget
+    # the next prompt joins the first one's decode: 1 + 6 tokens fit; then max_num_seqs=2 is reached
+    assert sched.schedule() == (seqs[1:2], seqs[:1])
     assert len(sched.running) == 2 and len(sched.waiting) == 2
+    seqs[0].token_ids.append(1)
+    seqs[1].token_ids.append(1)
+    assert sched.schedule() == ([], seqs[:2])

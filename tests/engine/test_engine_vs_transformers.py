@@ -40,7 +40,7 @@ def engine_logits(engine: LLMEngine, prompts: list[list[int]]) -> list[torch.Ten
     for s in seqs:
         bm.allocate(s)
     step = StepInput(
-        True, [t for p in prompts for t in p], [i for p in prompts for i in range(len(p))],
+        len(prompts), [t for p in prompts for t in p], [i for p in prompts for i in range(len(p))],
         [s.block_table for s in seqs], [len(p) for p in prompts], [len(p) for p in prompts],
         all_logits=True,
     )
@@ -54,7 +54,7 @@ def engine_logits(engine: LLMEngine, prompts: list[list[int]]) -> list[torch.Ten
         for s, r in zip(seqs, rows, strict=True):
             s.token_ids.append(int(r[-1][-1].argmax()))
             bm.append(s)
-        step = StepInput(False, [s.token_ids[-1] for s in seqs], [len(s) - 1 for s in seqs],
+        step = StepInput(0, [s.token_ids[-1] for s in seqs], [len(s) - 1 for s in seqs],
                          [s.block_table for s in seqs], [1] * len(seqs), [len(s) for s in seqs])
         logits = engine.runner.call("run", step)
         for i, r in enumerate(rows):

@@ -28,13 +28,12 @@ class Attention(nn.Module):
         ctx = get_context()
         self.k_cache.index_copy_(0, ctx.slot_mapping, k)
         self.v_cache.index_copy_(0, ctx.slot_mapping, v)
-        if ctx.is_prefill:
-            out = self._prefill(q, k, v, ctx)
-        else:
-            out = torch.cat([
-                self._decode(q[start : start + len(tables)], tables, mask)
-                for start, tables, mask in ctx.decode_groups
-            ])
+        outs = [self._prefill(q, k, v, ctx)] if ctx.seqs else []
+        outs += [
+            self._decode(q[start : start + len(tables)], tables, mask)
+            for start, tables, mask in ctx.decode_groups
+        ]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return out.reshape(q.shape[0], self.n_heads * self.head_dim)
 
     def _prefill(self, q, k, v, ctx) -> torch.Tensor:

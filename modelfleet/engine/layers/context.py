@@ -9,14 +9,15 @@ import torch
 
 @dataclass
 class AttentionContext:
-    is_prefill: bool
+    """A step's prompts take the first rows, its decoding sequences the rest."""
+
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
-    # prefill: per sequence (query start, query length, context length); context = cached + query
+    # prompts: per sequence (query start, query length, context length); context = cached + query
     seqs: list[tuple[int, int, int]]
-    prefix_slots: list[torch.Tensor | None]  # prefill: [ctx] slots to gather, None if no prefix hit
+    prefix_slots: list[torch.Tensor | None]  # prompts: [ctx] slots to gather, None if no prefix hit
     # decode: groups of sequences with similar context lengths (each padded to its own longest):
     # (first row, block tables [b, nb] padded with block 0, visible keys [b, 1, 1, nb * block_size])
-    decode_groups: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
+    decode_groups: list[tuple[int, torch.Tensor, torch.Tensor]]
 
 
 _context: AttentionContext | None = None
