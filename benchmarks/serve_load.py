@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import re
 import signal
 import socket
@@ -237,20 +238,24 @@ async def served_level(base: str, model: str, prompts: list[str], c: int, max_to
 
 
 async def offline_level(
-    engine: Any, prompts: list[str], c: int, max_tokens: int, level: Level, gap_s: float = 0.0
+    engine: Any, prompts: list[str], c: int, max_tokens: int, level: Level, gap_s: float = 0.0,
+    jitter_s: float = 0.0,
 ) -> None:
     """Every prompt through `engine` by `c` closed-loop streams, into `level`'s offline side;
-    each stream pauses `gap_s` before each request (engine_forms.py's stand-in for a trip)."""
+    each stream pauses `gap_s`, plus a random 0..`jitter_s` (seeded), before each request
+    (engine_forms.py's stand-ins for a served request's trip)."""
     from modelfleet.engine import SamplingParams
 
     queue = list(prompts)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    rng = random.Random(0)
 
     async def worker() -> None:
         while queue:
             prompt = queue.pop()
-            if gap_s:
-                await asyncio.sleep(gap_s)
+            pause = gap_s + (rng.uniform(0.0, jitter_s) if jitter_s else 0.0)
+            if pause:
+                await asyncio.sleep(pause)
             async for out in engine.generate(prompt, params):
                 if out.finish_reason is not None:
                     level.offline_tokens += out.usage.completion_tokens

@@ -27,6 +27,7 @@ def test_every_form_runs_every_request_and_the_ratios_are_the_rounds():
         requests_per_stream=3,
         max_tokens=5,
         gap_ms=2.0,
+        jitter_ms=3.0,
         rounds=2,
         max_num_seqs=4,
         engine_threads=1,
@@ -37,10 +38,11 @@ def test_every_form_runs_every_request_and_the_ratios_are_the_rounds():
     finally:
         torch.set_num_threads(before)  # the thread form sets this process' count
     assert out["requests"] == 6
-    assert out["tokens_each_run"] == {name: [6 * 5] for name in ("thread", "process", "process+gap")}
-    assert set(out["tok_s"]) == {"thread", "process", "process+gap"}
+    forms = ("thread", "process", "process+gap", "process+jitter")
+    assert out["tokens_each_run"] == {name: [6 * 5] for name in forms}
+    assert set(out["tok_s"]) == set(forms)
     assert all(v > 0 for v in out["tok_s"].values())
-    for key in ("process_over_thread", "gap_over_no_gap"):
+    for key in ("process_over_thread", "gap_over_no_gap", "jitter_over_no_gap"):
         each = sorted(out[f"{key}_each"])
         assert len(each) == 2
         assert each[0] <= out[key] <= each[1]  # the median of two lies between them
