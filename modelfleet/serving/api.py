@@ -5,12 +5,17 @@ API-key check, request validation, errors in OpenAI's shape and server-sent-even
 the same in both; only how a checked request reaches an engine differs (`APIServer`).
 
 The routes are built per server object (`build_api`) and handed to Serve as the deployment's
-ASGI app when its replica starts (`__serve_build_asgi_app__`).
+ASGI app when its replica starts (`__serve_build_asgi_app__`). The two generation routes, which
+carry nearly every request, are plain ASGI (`OpenAIApp`): a web framework's layers (routing,
+middleware, a response class that runs each stream in a task group) cost every request and
+every streamed chunk a little, and all of it runs on the loop that also feeds the engine. The
+other routes are FastAPI's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -18,7 +23,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
 
 from modelfleet.serving import errors
 from modelfleet.serving.errors import APIError
@@ -70,12 +76,11 @@ class APIServer:
     async def metrics_text(self) -> str:
         raise NotImplementedError
 
-    def __serve_build_asgi_app__(self) -> FastAPI:
+    def __serve_build_asgi_app__(self) -> OpenAIApp:
         return build_api(self)
 
 
-async def json_body(request: Request) -> Any:
-    raw = await request.body()
+def _decode_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -87,21 +92,21 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-1] if text else ''}"
 
 
-def authorize(api_key: str | None, request: Request) -> None:
+def authorize(api_key: str | None, header: str) -> None:
+    """`header`: the request's Authorization header ("" when it has none)."""
     if api_key is None:
         return
-    header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
         raise errors.unauthorized()
 
 
-def build_api(server: APIServer) -> FastAPI:
+def build_api(server: APIServer) -> OpenAIApp:
     """The API's routes, bound to `server`."""
     api = FastAPI(title="modelfleet", docs_url=None, redoc_url=None, openapi_url=None)
     settings = server.settings
 
-    def error(err: APIError) -> Response:
+    def error_response(err: APIError) -> Response:
         server.count(err.status)
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
@@ -125,9 +130,9 @@ def build_api(server: APIServer) -> FastAPI:
     @api.get("/v1/models")
     async def models(request: Request) -> Response:
         try:
-            authorize(server.api_key, request)
+            authorize(server.api_key, request.headers.get("authorization", ""))
         except APIError as err:
-            return error(err)
+            return error_response(err)
         server.count(200)
         card = {
             "id": settings.served_name,
@@ -138,56 +143,144 @@ def build_api(server: APIServer) -> FastAPI:
         }
         return JSONResponse({"object": "list", "data": [card]})
 
-    @api.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await serve_request(request, "completion", CompletionRequest)
+    return OpenAIApp(server, api, error_response)
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await serve_request(request, "chat", ChatCompletionRequest)
 
-    async def serve_request(request: Request, kind: str, model: type) -> Response:
+GENERATION_ROUTES = {
+    "/v1/completions": ("completion", CompletionRequest),
+    "/v1/chat/completions": ("chat", ChatCompletionRequest),
+}
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def _json(body: Any) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class OpenAIApp:
+    """The API as one ASGI app: POSTs to the generation routes are served here, everything else
+    by `rest` (FastAPI)."""
+
+    def __init__(self, server: APIServer, rest: FastAPI, error_response: Callable[[APIError], Response]):
+        self.server = server
+        self.rest = rest
+        self.error_response = error_response
+        # What Serve reads to name each request's route in its access log and metrics.
+        self.routes = [*rest.routes, *(Route(path, self, methods=["POST"]) for path in GENERATION_ROUTES)]
+        self.router = rest.router
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        route = GENERATION_ROUTES.get(_route_path(scope)) if scope["type"] == "http" else None
+        if route is None:
+            await self.rest(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            err = errors.APIError(405, f"Use POST for {_route_path(scope)}.", code="method_not_allowed")
+            await self.error_response(err)(scope, receive, send)
+            return
+        server = self.server
         try:
-            authorize(server.api_key, request)
-            req = parse_request(model, await json_body(request))
-            if req.model != settings.served_name:
+            authorize(server.api_key, _header(scope, b"authorization"))
+            body = await _read_body(receive)
+            if body is None:  # the client left before its request was whole
+                return
+            req = parse_request(route[1], _decode_json(body))
+            if req.model != server.settings.served_name:
                 raise errors.model_not_found(req.model)
             server.check_room()
             if req.stream:
-                stream = await server.open_stream(kind, req)
-                return StreamingResponse(
-                    events(stream),
-                    media_type="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                )
-            body = await server.run_request(kind, req)
+                stream = await server.open_stream(route[0], req)
+            else:
+                result = await server.run_request(route[0], req)
         except APIError as err:
-            return error(err)
+            await self.error_response(err)(scope, receive, send)
+            return
         except Exception as exc:
             log.exception("request failed")
-            return error(errors.engine_fault(describe(exc)))
-        server.count(200)
-        return JSONResponse(body)
+            await self.error_response(errors.engine_fault(describe(exc)))(scope, receive, send)
+            return
+        if not req.stream:
+            server.count(200)
+            payload = _json(result)
+            length = str(len(payload)).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", length)]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        await self._stream(stream, receive, send)
 
-    async def events(stream: Stream) -> AsyncIterator[str]:
-        status = 499  # unless the stream runs to its end
+    async def _stream(self, stream: Stream, receive: Callable, send: Callable) -> None:
+        """Send the stream's events as they come; a client that goes away stops it."""
+
+        async def write() -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            async for chunk in events(self.server, stream):
+                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+
+        async def left() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        writing = asyncio.ensure_future(write())
+        watching = asyncio.ensure_future(left())
         try:
-            if stream.first:
-                yield stream.first
-            async for chunk in stream.rest:
-                yield chunk
-            status = 200
-        except APIError as err:
-            status = err.status
-            yield error_event(err.body())
-        except Exception as exc:
-            if not isinstance(exc, asyncio.CancelledError):
-                status = 500
-                log.exception("stream failed")
-                yield error_event(errors.engine_fault(describe(exc)).body())
+            await asyncio.wait((writing, watching), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if status == 499:
-                await stream.cancel()  # the client went away: stop generating, free the KV blocks
-            server.count(status)
+            watching.cancel()
+            if not writing.done():  # the client left: the events' cleanup stops the generation
+                writing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writing
 
-    return api
+
+async def events(server: APIServer, stream: Stream) -> AsyncIterator[str]:
+    status = 499  # unless the stream runs to its end
+    try:
+        if stream.first:
+            yield stream.first
+        async for chunk in stream.rest:
+            yield chunk
+        status = 200
+    except APIError as err:
+        status = err.status
+        yield error_event(err.body())
+    except Exception as exc:
+        if not isinstance(exc, asyncio.CancelledError):
+            status = 500
+            log.exception("stream failed")
+            yield error_event(errors.engine_fault(describe(exc)).body())
+    finally:
+        if status == 499:
+            await stream.cancel()  # the client went away: stop generating, free the KV blocks
+        server.count(status)
+
+
+def _route_path(scope: dict) -> str:
+    """The path below the application's mount point (Serve's route prefix is the root path)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] == "/":
+        return path[len(root) :]
+    return path
+
+
+def _header(scope: dict, name: bytes) -> str:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return ""
+
+
+async def _read_body(receive: Callable) -> bytes | None:
+    parts = []
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return None
+        parts.append(msg.get("body", b""))
+        if not msg.get("more_body", False):
+            return b"".join(parts)

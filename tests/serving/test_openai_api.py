@@ -264,6 +264,21 @@ def test_missing_required_field_is_400(serving):
     assert err["param"] == "messages"
 
 
+def test_a_generation_route_answers_other_methods_with_405(serving):
+    for path in ("completions", "chat/completions"):
+        err = _error(httpx.get(f"{serving.main.v1}/{path}", timeout=30), 405)
+        assert err["code"] == "method_not_allowed" and "POST" in err["message"]
+    assert httpx.get(f"{serving.main.v1}/models", timeout=30).status_code == 200  # still serving
+
+
+def test_a_non_streamed_response_is_json_with_its_length(serving):
+    resp = httpx.post(f"{serving.main.v1}/completions", timeout=60,
+                      json={"model": "tiny", "prompt": "Hello", "max_tokens": 3})
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
+    assert int(resp.headers["content-length"]) == len(resp.content)
+    assert resp.json()["usage"]["completion_tokens"] <= 3
+
+
 # -- health, readiness, metrics ----------------------------------------------------------
 
 
