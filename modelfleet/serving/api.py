@@ -15,7 +15,6 @@ other routes are FastAPI's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -214,12 +213,28 @@ class OpenAIApp:
         await self._stream(stream, receive, send)
 
     async def _stream(self, stream: Stream, receive: Callable, send: Callable) -> None:
-        """Send the stream's events as they come; a client that goes away stops it."""
+        """Send the stream's events as they come. A client that goes away stops it: its
+        generation ends and its KV blocks are freed, whenever it leaves (the cleanup is here,
+        so it runs even if the writing never started)."""
+        server = self.server
+        status = 499  # unless the stream runs to its end
 
         async def write() -> None:
+            nonlocal status
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-            async for chunk in events(self.server, stream):
-                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            try:
+                if stream.first:
+                    await send(_event(stream.first))
+                async for chunk in stream.rest:
+                    await send(_event(chunk))
+                status = 200
+            except APIError as err:
+                status = err.status
+                await send(_event(error_event(err.body())))
+            except Exception as exc:
+                status = 500
+                log.exception("stream failed")
+                await send(_event(error_event(errors.engine_fault(describe(exc)).body())))
             await send({"type": "http.response.body", "body": b""})
 
         async def left() -> None:
@@ -232,32 +247,17 @@ class OpenAIApp:
             await asyncio.wait((writing, watching), return_when=asyncio.FIRST_COMPLETED)
         finally:
             watching.cancel()
-            if not writing.done():  # the client left: the events' cleanup stops the generation
-                writing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writing
+            writing.cancel()  # a no-op once it is done
+            (failed,) = await asyncio.gather(writing, return_exceptions=True)
+            if isinstance(failed, Exception):  # sending to the client failed: it is gone
+                log.warning("stream to the client failed: %s", describe(failed))
+            if status == 499:
+                await stream.cancel()
+            server.count(status)
 
 
-async def events(server: APIServer, stream: Stream) -> AsyncIterator[str]:
-    status = 499  # unless the stream runs to its end
-    try:
-        if stream.first:
-            yield stream.first
-        async for chunk in stream.rest:
-            yield chunk
-        status = 200
-    except APIError as err:
-        status = err.status
-        yield error_event(err.body())
-    except Exception as exc:
-        if not isinstance(exc, asyncio.CancelledError):
-            status = 500
-            log.exception("stream failed")
-            yield error_event(errors.engine_fault(describe(exc)).body())
-    finally:
-        if status == 499:
-            await stream.cancel()  # the client went away: stop generating, free the KV blocks
-        server.count(status)
+def _event(chunk: str) -> dict:
+    return {"type": "http.response.body", "body": chunk.encode(), "more_body": True}
 
 
 def _route_path(scope: dict) -> str:
