@@ -432,6 +432,37 @@ def _add_empty(tar: tarfile.TarFile, name: str) -> None:
 # -- the layers -----------------------------------------------------------------------------------
 
 
+# A dependency layer's venv (torch with its CUDA libraries, Ray) when no earlier one says better.
+DEPS_BYTES_GUESS = 13 * 10**9
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem holding `path` (its nearest existing parent)."""
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def need_space(folder: Path, needed: int, what: str) -> None:
+    """Fail before a step that would fill the disk halfway, naming the folder and the way out."""
+    free = free_bytes(folder)
+    if free < needed:
+        raise ImageError(
+            f"{what} needs about {needed / 1e9:.1f} GB free under {folder}, and only "
+            f"{free / 1e9:.1f} GB are: free some space there, or point MODELFLEET_CACHE_DIR at a "
+            f"larger disk"
+        )
+
+
+def deps_bytes_estimate() -> int:
+    """The size of the largest dependency layer built before, else DEPS_BYTES_GUESS."""
+    sizes = []
+    for meta in (images_root() / "layers").glob("deps-*/meta.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            sizes.append(int(json.loads(meta.read_text())["size"]))
+    return max(sizes, default=DEPS_BYTES_GUESS)
+
+
 def layer_dir(kind: str, key: str) -> Path:
     return images_root() / "layers" / f"{kind}-{key[:24]}"
 
@@ -465,6 +496,7 @@ def restore_upper(tar_path: Path, upper: Path) -> None:
     the opaque xattr on its directory, so the result can serve as an overlay lower directory.
     """
     _require_root("unpacking a layer with its owners")
+    need_space(upper.parent, tar_path.stat().st_size + 10**9, f"unpacking {tar_path}")
     partial = upper.with_name(upper.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -570,6 +602,8 @@ def build_deps(key: str, base: Path, root: Path = ROOT) -> Path:
     _require_root("building the dependency layer")
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    # The venv in the overlay's upper directory, then its tar beside it.
+    need_space(final.parent, 2 * deps_bytes_estimate(), "building the dependency layer")
     upper = partial / "upper"
     share = images_root() / "share"
     reqs = dependencies(root)

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import stat
+import subprocess
 import sys
 import tarfile
 import threading
@@ -319,6 +320,27 @@ def test_a_packed_upper_directory_unpacks_to_the_same_layer(tmp_path: Path) -> N
     with tarfile.open(tmp_path / "first.tar") as first, tarfile.open(tmp_path / "second.tar") as second:
         assert [(m.name, m.type, m.mode, m.uid, m.size, m.linkname, int(m.mtime)) for m in first] == \
             [(m.name, m.type, m.mode, m.uid, m.size, m.linkname, int(m.mtime)) for m in second]
+
+
+def test_unpacking_onto_a_full_disk_stops_first_and_says_where(tmp_path: Path) -> None:
+    """A layer unpacked onto a filesystem without room for it fails before writing, naming the
+    folder, the sizes and the way out, instead of an OSError halfway through the tar."""
+    _need_root()
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "blob").write_bytes(os.urandom(4 << 20))
+    image.pack_layer(source, tmp_path / "layer.tar")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
+    try:
+        with pytest.raises(image.ImageError) as err:
+            image.restore_upper(tmp_path / "layer.tar", small / "upper")
+        message = str(err.value)
+        assert str(small) in message and "MODELFLEET_CACHE_DIR" in message and "GB free" in message
+        assert list(small.iterdir()) == [], "nothing is written before the check"
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
 
 
 # -- the image runs -------------------------------------------------------------------------------
