@@ -97,6 +97,11 @@ class Level:
     # first token. Together with the client's TTFT they say where a first token's time went.
     ingress_wait_s: float | None = None
     replica_ttft_s: float | None = None
+    # Sequences per engine step (generated tokens over forward passes) on each side: how full
+    # the engine's batch was. Unlike tokens/s it does not move with the machine's speed, so
+    # served over offline says how much of the ratio is requests in transit, outside the batch.
+    batch: float | None = None
+    offline_batch: float | None = None
     # Across the level's alternating pairs (median_pair): each pair's served/offline ratio,
     # and best served over best offline tokens/s.
     pair_ratios: list[float] = field(default_factory=list)
@@ -134,6 +139,11 @@ class Level:
             ),
             "ingress_wait_mean_s": None if self.ingress_wait_s is None else round(self.ingress_wait_s, 4),
             "replica_ttft_mean_s": None if self.replica_ttft_s is None else round(self.replica_ttft_s, 4),
+            "batch": None if self.batch is None else round(self.batch, 2),
+            "offline_batch": None if self.offline_batch is None else round(self.offline_batch, 2),
+            "batch_ratio": (
+                round(self.batch / self.offline_batch, 3) if self.batch and self.offline_batch else None
+            ),
         }
 
 
@@ -141,11 +151,16 @@ HISTOGRAMS = {
     "ingress_wait_s": "modelfleet_ingress_wait_seconds",
     "replica_ttft_s": "modelfleet_time_to_first_token_seconds",
 }
+COUNTERS = {
+    "steps": "modelfleet_engine_steps_total",
+    "generated": "modelfleet_generation_tokens_total",
+}
 METRICS_PUSH_S = 1.0  # the replicas and the ingress push their series to the page this often
 
 
 def histogram_totals(base: str) -> dict[str, tuple[float, float]]:
-    """(sum, count) of each of HISTOGRAMS on the endpoint's /metrics, over every replica."""
+    """(sum, count) of each of HISTOGRAMS on the endpoint's /metrics, over every replica, and
+    (total, 1) of each of COUNTERS."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
@@ -153,8 +168,12 @@ def histogram_totals(base: str) -> dict[str, tuple[float, float]]:
     except httpx.HTTPError:
         return {}
     keys = {name: key for key, name in HISTOGRAMS.items()}
+    counters = {name.removesuffix("_total"): key for key, name in COUNTERS.items()}
     totals = {}
     for family in text_string_to_metric_families(text):
+        if family.name in counters:  # the parser names a counter's family without _total
+            total = sum(s.value for s in family.samples if s.name == family.name + "_total")
+            totals[counters[family.name]] = (total, 1.0)
         if family.name in keys:
             total = sum(s.value for s in family.samples if s.name == family.name + "_sum")
             count = sum(s.value for s in family.samples if s.name == family.name + "_count")
@@ -234,6 +253,10 @@ async def served_level(base: str, model: str, prompts: list[str], c: int, max_to
         if key in before and key in after and after[key][1] > before[key][1]:
             (s0, n0), (s1, n1) = before[key], after[key]
             setattr(level, key, (s1 - s0) / (n1 - n0))
+    if all(key in before and key in after for key in COUNTERS):
+        steps = after["steps"][0] - before["steps"][0]
+        if steps > 0:
+            level.batch = (after["generated"][0] - before["generated"][0]) / steps
     return level
 
 
@@ -260,11 +283,17 @@ async def offline_level(
                 if out.finish_reason is not None:
                     level.offline_tokens += out.usage.completion_tokens
 
+    st0 = engine.stats()
     t0, cpu0 = time.perf_counter(), cpu_busy_s()
     await asyncio.gather(*(worker() for _ in range(c)))
     level.offline_wall_s = time.perf_counter() - t0
     level.offline_cpu_s = cpu_busy_s() - cpu0
     level.offline_requests = len(prompts)
+    st1 = engine.stats()  # a request's last output brings the counters that include it
+    if st1.steps_total > st0.steps_total:
+        level.offline_batch = (st1.generation_tokens_total - st0.generation_tokens_total) / (
+            st1.steps_total - st0.steps_total
+        )
 
 
 def free_port() -> int:
@@ -491,8 +520,8 @@ async def run(args: argparse.Namespace) -> list[Level]:
 def median_pair(runs: list[Level]) -> Level:
     """The run whose served/offline ratio is the median of `runs` (the lower one of an even
     count), with every run's ratio, the ratio of the best runs of each side (what this
-    benchmark printed before), every error of every run, and CPU per request as the median
-    of each side."""
+    benchmark printed before), every error of every run, and CPU per request and the engine's
+    batch as the median of each side."""
     ranked = sorted(runs, key=lambda r: r.ratio)
     level = ranked[(len(ranked) - 1) // 2]
     level.pair_ratios = [r.ratio for r in runs]
@@ -501,7 +530,18 @@ def median_pair(runs: list[Level]) -> Level:
     level.errors = sum(r.errors for r in runs)
     level.cpu_s = statistics.median(r.cpu_s * level.requests / max(r.requests, 1) for r in runs)
     level.offline_cpu_s = statistics.median(r.offline_cpu_s for r in runs)
+    level.batch = _median_of([r.batch for r in runs])
+    level.offline_batch = _median_of([r.offline_batch for r in runs])
     return level
+
+
+def _median_of(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _ms(seconds: float | None) -> str:
@@ -614,7 +654,8 @@ def main() -> int:
     print(
         f"\n{'streams':>7} {'served tok/s':>12} {'offline tok/s':>13} {'ratio':>6} {'TTFT p50':>9} "
         f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'errors':>6}  CPU ms/request served / offline"
-        "   mean ms to reach a replica / replica TTFT   every pair's ratio (best of each side)"
+        "   mean ms to reach a replica / replica TTFT   batch served / offline"
+        "   every pair's ratio (best of each side)"
     )
     for lv in levels:
         s = lv.summary()
@@ -625,6 +666,7 @@ def main() -> int:
             f"{s['itl_p99_s'] * ms:>6.2f}ms {s['errors']:>6}  "
             f"{s['cpu_ms_per_request'] or 0:.1f} / {s['offline_cpu_ms_per_request'] or 0:.1f}"
             f"   {_ms(s['ingress_wait_mean_s'])} / {_ms(s['replica_ttft_mean_s'])}"
+            f"   {_num(s['batch'])} / {_num(s['offline_batch'])}"
             f"   {' '.join(f'{r:.2f}' for r in s['pair_ratios'])} ({s['best_of_ratio'] or 0:.2f})"
         )
     print(f"offline engine: {args.offline}; plot: {args.plot}")
@@ -647,6 +689,9 @@ def main() -> int:
                     "offline_cpu_ms_per_request": key["offline_cpu_ms_per_request"],
                     "ingress_wait_mean_s": key["ingress_wait_mean_s"],
                     "replica_ttft_mean_s": key["replica_ttft_mean_s"],
+                    "batch": key["batch"],
+                    "offline_batch": key["offline_batch"],
+                    "batch_ratio": key["batch_ratio"],
                     "http_proxy": proxy,
                     "ingress": served_by,
                     "cpu_binding": binding,

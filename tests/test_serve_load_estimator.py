@@ -49,6 +49,20 @@ def test_cpu_per_request_is_the_median_of_each_side():
     assert level.offline_cpu_s == pytest.approx(1.0)
 
 
+def test_the_batch_is_the_median_of_each_side_and_its_ratio_is_reported():
+    runs = [pair(900, 1000), pair(800, 1000), pair(1000, 1000), pair(700, 1000)]
+    sides = [(30.0, 31.5), (29.0, 32.0), (31.0, 31.0), (None, 31.8)]
+    for run, (served, offline) in zip(runs, sides, strict=True):
+        run.batch, run.offline_batch = served, offline
+    level = serve_load.median_pair(runs)
+    assert level.batch == pytest.approx(30.0)  # the side's known values: 29, 30, 31
+    assert level.offline_batch == pytest.approx((31.5 + 31.8) / 2)
+    assert level.summary()["batch_ratio"] == round(30.0 / 31.65, 3)
+    # an endpoint without the steps counter: no batch, and no ratio made up for it
+    lone = pair(900, 1000)
+    assert serve_load.median_pair([lone]).summary()["batch_ratio"] is None
+
+
 @pytest.mark.parametrize(("form", "kind"), [("process", "EngineProcess"), ("in-process", "LLMEngine")])
 def test_the_offline_side_runs_the_engine_form_it_names(form, kind):
     """The ratio's baseline: the engine as a replica runs it (a process of its own, one torch
@@ -79,5 +93,7 @@ def test_the_offline_side_runs_the_engine_form_it_names(form, kind):
         torch.set_num_threads(before)  # the in-process form sets this process' count
     assert name == kind
     assert (level.offline_requests, level.offline_tokens) == (3, 15)
+    # 15 tokens by two streams: between one sequence per step and two
+    assert level.offline_batch is not None and 1.0 < level.offline_batch <= 2.0
     if form == "process":
         assert threads == 1

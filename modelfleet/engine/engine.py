@@ -117,6 +117,7 @@ class LLMEngine(EngineFrontend):
         self._closed = False
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.steps_total = 0
 
     # -- config-time helpers ------------------------------------------------------------------
 
@@ -177,6 +178,7 @@ class LLMEngine(EngineFrontend):
             prefill, decode = self.scheduler.schedule()
             if not (prefill or decode):
                 return []
+            self.steps_total += 1
             decode.sort(key=len)  # similar lengths side by side: less padding in attention
             seqs = prefill + decode
             step = self._step_input(seqs, len(prefill))
@@ -369,6 +371,7 @@ class LLMEngine(EngineFrontend):
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             num_preemptions=self.scheduler.num_preemptions,
+            steps_total=self.steps_total,
         )
 
     async def shutdown(self) -> None:

@@ -137,3 +137,4 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_preemptions: int = 0
+    steps_total: int = 0  # forward passes run; generation_tokens_total over it is the mean batch

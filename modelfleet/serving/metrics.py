@@ -36,6 +36,7 @@ METRIC_NAMES = (
     "modelfleet_request_duration_seconds",
     "modelfleet_kv_cache_usage_ratio",
     "modelfleet_replicas_ready",
+    "modelfleet_engine_steps_total",
 )
 
 
@@ -69,6 +70,14 @@ class ReplicaMetrics:
         self.generation_tokens = Counter(
             "modelfleet_generation_tokens", "Tokens generated.", LABELS, registry=r
         ).labels(*labels)
+        self.engine_steps = Counter(
+            "modelfleet_engine_steps",
+            "Engine steps run: forward passes, each giving every running sequence a token. "
+            "modelfleet_generation_tokens_total over it is the mean batch.",
+            LABELS,
+            registry=r,
+        ).labels(*labels)
+        self._steps_seen = 0
         self.ttft = Histogram(
             "modelfleet_time_to_first_token_seconds",
             "From admission at the replica to the first token.",
@@ -90,6 +99,13 @@ class ReplicaMetrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         ).labels(*labels)
+
+    def engine_steps_to(self, total: int) -> None:
+        """Bring the steps counter up to the engine's own count (a restarted engine starts over)."""
+        if total < self._steps_seen:
+            self._steps_seen = 0
+        self.engine_steps.inc(total - self._steps_seen)
+        self._steps_seen = total
 
     def count_requests(self) -> None:
         """Also count API requests by status: for a replica that serves the API itself."""

@@ -318,6 +318,7 @@ class ModelReplica:
                 m.queue_depth.set(self.admission.waiting)
                 m.running.set(self.admission.running)
                 m.kv_usage.set(st.kv_blocks_used / st.kv_blocks_total if st.kv_blocks_total else 0.0)
+                m.engine_steps_to(st.steps_total)
                 await self._hub.push.remote(self.replica_id, "replica", m.text())
             except asyncio.CancelledError:
                 raise

@@ -75,6 +75,22 @@ async def test_requests_that_join_running_ones_equal_each_alone(alone):
     assert got == alone
 
 
+def test_the_step_count_is_the_forward_passes_that_a_batch_shares():
+    """EngineStats.steps_total counts forward passes: a lone request takes one per token, four
+    started together share theirs (generation tokens over steps is the mean batch)."""
+    engine = LLMEngine(EngineConfig(max_num_seqs=4, device="cpu", num_kv_blocks=64))
+    try:
+        assert engine.stats().steps_total == 0
+        engine.generate_batch([prompts(1)[0]], greedy(6))
+        st = engine.stats()
+        assert (st.steps_total, st.generation_tokens_total) == (6, 6)
+        engine.generate_batch(prompts(4, seed=1), greedy(6))
+        st = engine.stats()
+        assert (st.steps_total, st.generation_tokens_total) == (12, 30)
+    finally:
+        engine.close()
+
+
 def test_a_step_of_prompts_and_decodes_gives_the_logits_of_each_alone():
     engine = LLMEngine(EngineConfig(device="cpu", max_num_seqs=4))
     bm, runner, bs = engine.block_manager, engine.runner, engine.config.block_size

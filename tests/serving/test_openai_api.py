@@ -302,6 +302,8 @@ def test_metrics_page(serving):
             if 'status="200"' in text and "modelfleet_time_to_first_token_seconds_count" in text
             # the ingress timed the request on its way to a replica (its histogram's count)
             and sum(per_replica(text, "modelfleet_ingress_wait_seconds_count").values()) >= 1
+            # the replica's engine: a step for each of the request's 4 tokens, at least
+            and sum(per_replica(text, "modelfleet_engine_steps_total").values()) >= 4
             else None
         )
 
