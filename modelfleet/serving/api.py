@@ -29,7 +29,7 @@ from modelfleet.serving import errors
 from modelfleet.serving.errors import APIError
 from modelfleet.serving.metrics import CONTENT_TYPE
 from modelfleet.serving.protocol import ChatCompletionRequest, CompletionRequest, parse_request
-from modelfleet.serving.responses import error_event
+from modelfleet.serving.responses import DONE, error_event
 from modelfleet.serving.settings import ServeSettings
 
 log = logging.getLogger("modelfleet.serving")
@@ -219,23 +219,35 @@ class OpenAIApp:
         server = self.server
         status = 499  # unless the stream runs to its end
 
+        ended = False  # the body's end went out with the stream's last event
+
+        async def put(chunk: str) -> None:
+            # The event that ends the stream ([DONE]) also ends the body: one send, one write.
+            nonlocal ended
+            last = chunk.endswith(DONE)
+            await send(_event(chunk, more=not last))
+            ended = last
+
         async def write() -> None:
             nonlocal status
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             try:
                 if stream.first:
-                    await send(_event(stream.first))
+                    await put(stream.first)
                 async for chunk in stream.rest:
-                    await send(_event(chunk))
+                    await put(chunk)
                 status = 200
             except APIError as err:
                 status = err.status
-                await send(_event(error_event(err.body())))
+                if not ended:
+                    await put(error_event(err.body()))
             except Exception as exc:
                 status = 500
                 log.exception("stream failed")
-                await send(_event(error_event(errors.engine_fault(describe(exc)).body())))
-            await send({"type": "http.response.body", "body": b""})
+                if not ended:
+                    await put(error_event(errors.engine_fault(describe(exc)).body()))
+            if not ended:
+                await send({"type": "http.response.body", "body": b""})
 
         async def left() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -256,8 +268,8 @@ class OpenAIApp:
             server.count(status)
 
 
-def _event(chunk: str) -> dict:
-    return {"type": "http.response.body", "body": chunk.encode(), "more_body": True}
+def _event(chunk: str, more: bool = True) -> dict:
+    return {"type": "http.response.body", "body": chunk.encode(), "more_body": more}
 
 
 def _route_path(scope: dict) -> str:

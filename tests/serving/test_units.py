@@ -483,3 +483,78 @@ def test_haproxy_listens_beside_the_api_only_on_localhost_and_free_ports(proxy_e
     assert out.returncode == 0, out.stderr
     binds = [line.split()[1] for line in config.read_text().splitlines() if line.strip().startswith("bind")]
     assert binds == ["127.0.0.1:9101", "0.0.0.0:8000", "127.0.0.1:8404"]
+
+
+# -- a stream's HTTP body ---------------------------------------------------------------------
+
+
+async def _stream_messages(chunks, fail: Exception | None = None) -> tuple[list[dict], list[int]]:
+    """What OpenAIApp sends for a stream of `chunks` (then `fail` raised, if given), by ASGI
+    message, and the statuses it counted."""
+    import asyncio
+
+    from fastapi import FastAPI
+
+    from modelfleet.serving.api import OpenAIApp, Stream
+
+    counted: list[int] = []
+
+    class Server:
+        def count(self, status: int) -> None:
+            counted.append(status)
+
+    async def rest():
+        for chunk in chunks[1:]:
+            yield chunk
+        if fail is not None:
+            raise fail
+
+    async def cancel() -> None:
+        raise AssertionError("a stream that ran to its end is not cancelled")
+
+    async def receive() -> dict:  # the client stays
+        await asyncio.Event().wait()
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    app = OpenAIApp(Server(), FastAPI(), error_response=None)
+    await app._stream(Stream(chunks[0], rest(), cancel), receive, send)
+    return sent, counted
+
+
+def _bodies(sent: list[dict]) -> list[tuple[str, bool]]:
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    assert all(m["type"] == "http.response.body" for m in sent[1:])
+    return [(m["body"].decode(), m.get("more_body", False)) for m in sent[1:]]
+
+
+async def test_the_event_that_ends_a_stream_ends_its_body_in_the_same_message():
+    from modelfleet.serving.responses import DONE
+
+    sent, counted = await _stream_messages(['data: {"a":1}\n\n', 'data: {"b":2}\n\n' + DONE])
+    assert _bodies(sent) == [('data: {"a":1}\n\n', True), ('data: {"b":2}\n\n' + DONE, False)]
+    assert counted == [200]
+    # a one-chunk stream (the opening, its only token and the closing together): one body message
+    sent, _ = await _stream_messages(['data: {"a":1}\n\n' + DONE])
+    assert _bodies(sent) == [('data: {"a":1}\n\n' + DONE, False)]
+
+
+async def test_a_stream_without_its_done_event_still_ends_its_body():
+    sent, counted = await _stream_messages(['data: {"a":1}\n\n', 'data: {"b":2}\n\n'])
+    assert _bodies(sent)[-1] == ("", False)
+    assert [more for _, more in _bodies(sent)] == [True, True, False]
+    assert counted == [200]
+
+
+async def test_an_error_mid_stream_is_its_last_event_and_ends_the_body():
+    from modelfleet.serving.responses import DONE
+
+    sent, counted = await _stream_messages(['data: {"a":1}\n\n'], fail=queue_full(1, 2))
+    bodies = _bodies(sent)
+    assert bodies[0] == ('data: {"a":1}\n\n', True)
+    text, more = bodies[-1]
+    assert '"error"' in text and text.endswith(DONE) and more is False and len(bodies) == 2
+    assert counted == [429]
