@@ -158,7 +158,7 @@ COUNTERS = {
 METRICS_PUSH_S = 1.0  # the replicas and the ingress push their series to the page this often
 
 
-def histogram_totals(base: str) -> dict[str, tuple[float, float]]:
+def endpoint_totals(base: str) -> dict[str, tuple[float, float]]:
     """(sum, count) of each of HISTOGRAMS on the endpoint's /metrics, over every replica, and
     (total, 1) of each of COUNTERS."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -242,13 +242,13 @@ async def served_level(base: str, model: str, prompts: list[str], c: int, max_to
                 }
                 await one_stream(session, url, body, level)
 
-        before = await asyncio.to_thread(histogram_totals, base)
+        before = await asyncio.to_thread(endpoint_totals, base)
         t0, cpu0 = time.perf_counter(), cpu_busy_s()
         await asyncio.gather(*(worker() for _ in range(c)))
         level.wall_s = time.perf_counter() - t0
         level.cpu_s = cpu_busy_s() - cpu0
     await asyncio.sleep(METRICS_PUSH_S * 1.5)  # every series pushed since the last request
-    after = await asyncio.to_thread(histogram_totals, base)
+    after = await asyncio.to_thread(endpoint_totals, base)
     for key in HISTOGRAMS:
         if key in before and key in after and after[key][1] > before[key][1]:
             (s0, n0), (s1, n1) = before[key], after[key]

@@ -101,9 +101,8 @@ class ReplicaMetrics:
         ).labels(*labels)
 
     def engine_steps_to(self, total: int) -> None:
-        """Bring the steps counter up to the engine's own count (a restarted engine starts over)."""
-        if total < self._steps_seen:
-            self._steps_seen = 0
+        """Bring the steps counter up to the engine's own count (one engine per replica, so it
+        only grows)."""
         self.engine_steps.inc(total - self._steps_seen)
         self._steps_seen = total
 
