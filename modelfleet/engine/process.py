@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import pickle
 import subprocess
 import sys
@@ -281,6 +282,10 @@ class EngineProcess(EngineFrontend):
         if self._loop is None and self._gone is None:
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self._conn.fileno(), self._readable)
+            # uvloop (a Serve replica's loop) makes a watched descriptor non-blocking. A step's
+            # message over 16 KB is two writes, header then body: with the pipe blocking again,
+            # reading one that is half there waits for the rest instead of failing.
+            os.set_blocking(self._conn.fileno(), True)
 
     def submit(
         self, prompt: Prompt, params: SamplingParams | None, sink: Any, request_id: str | None = None

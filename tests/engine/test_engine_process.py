@@ -96,6 +96,34 @@ async def test_the_process_dying_fails_what_waits_on_it_with_its_exit_code(engin
         engine.submit("Hi", GREEDY, ListSink())
 
 
+def test_a_step_message_larger_than_one_write_arrives_whole_under_uvloop():
+    """Serve runs a replica's loop on uvloop, whose add_reader makes the pipe non-blocking. A
+    step's message over 16 KB goes down the pipe in two writes (header, then body), so the
+    client can find half of it there: reading it must wait for the rest, not take the
+    half-read message for the engine process being gone."""
+    uvloop = pytest.importorskip("uvloop", reason="Serve's replicas run on uvloop when it is installed")
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=20)
+
+    async def go():
+        e = await asyncio.to_thread(EngineProcess, EngineConfig(device="cpu", max_model_len=256))
+        await e.start()
+        try:
+
+            async def one(i):
+                return [o async for o in e.generate(f"Prompt number {i} of many", params)]
+
+            return await asyncio.gather(*(one(i) for i in range(48))), e.alive()
+        finally:
+            await e.shutdown()
+
+    runs, alive = uvloop.run(go())
+    assert alive
+    for outs in runs:  # 48 x 21 alternatives a step: about 30 KB a message
+        assert outs[-1].finish_reason == "length"
+        assert sum(len(o.token_ids) for o in outs) == 6
+        assert all(len(lp.top) == 20 for o in outs for lp in o.logprobs)
+
+
 async def test_bad_input_is_refused_by_the_client_before_anything_is_sent(engine):
     with pytest.raises(InvalidRequest) as err:
         engine.submit("Hi", SamplingParams(max_tokens=300), ListSink())
