@@ -463,7 +463,8 @@ async def offline_engine(args: argparse.Namespace) -> Any:
     """The offline side's engine, with the CPU threads a replica's engine has (its placement
     bundle), so the ratio measures what serving costs, not a different thread count.
 
-    `process`: an engine process driven directly from this loop, as a replica drives its own.
+    `process`: an engine process driven directly from this loop, as a replica drives its own
+    (its outputs gathered as a replica's are).
     `in-process`: LLMEngine stepping on a thread of this process, whose interpreter lock it
     shares with the load loop (as a replica's engine does with `--engine-thread`)."""
     from modelfleet.engine import EngineConfig
@@ -471,8 +472,12 @@ async def offline_engine(args: argparse.Namespace) -> Any:
     config = EngineConfig(model=args.model_uri, max_num_seqs=args.max_num_seqs, device="cpu")
     if args.offline == "process":
         from modelfleet.engine.process import EngineProcess
+        from modelfleet.serving.replica import output_pacing
+        from modelfleet.serving.settings import ServeSettings
 
-        engine: Any = await asyncio.to_thread(EngineProcess, config, args.engine_threads)
+        # gathering each stream's tokens as a replica's engine process does (`stream_chunks_per_s`)
+        pacing = output_pacing(ServeSettings(name="bench", model=args.model_uri))
+        engine: Any = await asyncio.to_thread(EngineProcess, config, args.engine_threads, pacing=pacing)
     else:
         import torch
 
@@ -555,7 +560,13 @@ def main() -> int:
     p.add_argument("--model-uri", default="builtin://tiny-llama", help="model of the offline engine")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=4, help="requests per stream at each level")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=12,
+        help="requests per stream at each level (default 12: a level's first rounds, every stream "
+        "starting at once, are its start-up, not its steady throughput; see benchmarks/RESULTS.md)",
+    )
     p.add_argument("--min-requests", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument(
@@ -615,8 +626,8 @@ def main() -> int:
     args = p.parse_args()
     if args.quick:
         # Fewer pairs, but requests as many per stream as the full sweep's: with fewer, the
-        # ramp of each level (every stream's first request at once) weighs more than its
-        # steady state.
+        # ramp of each level (every stream's first request at once, and the rounds that stay
+        # in step after it) weighs more than its steady state.
         args.min_requests = 8
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
@@ -697,6 +708,7 @@ def main() -> int:
                     "cpu_binding": binding,
                     "endpoint": endpoint,
                     "offline_engine": args.offline,
+                    "rounds": args.rounds,
                     "errors": sum(lv.errors for lv in levels),
                     "levels": [lv.summary() for lv in levels],
                 }

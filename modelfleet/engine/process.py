@@ -2,7 +2,10 @@
 
 The engine's scheduler, model and detokenizer run in a child process; the client, on the
 caller's event loop, checks and tokenizes each request, sends it down a pipe, and hands
-each step's outputs (one message per step) to the requests' sinks.
+each step's outputs (one message per step) to the requests' sinks. With an `OutputPacing`,
+the child gathers each request's tokens while many are running and sends them together:
+fewer, larger outputs for the client to take in, and each request's first tokens and its end
+still at once.
 
 Why a process: an engine on a thread shares the GIL with the server's event loop in the
 same process. A step of a small model is mostly Python, so the step loop and the
@@ -11,6 +14,7 @@ engine steps back to back, and all the server's event loop does per step is read
 message.
 
     engine = EngineProcess(EngineConfig(model="builtin://tiny-llama"))  # blocks while loading
+    # or EngineProcess(config, pacing=OutputPacing()), as a model replica runs it
     await engine.start()
     request = engine.submit("Hello", SamplingParams(max_tokens=8), sink)  # sink.put_nowait(out)
     engine.abort(request)
@@ -54,6 +58,28 @@ log = logging.getLogger(__name__)
 STATS_INTERVAL_S = 0.25  # while busy, the engine's counters reach the client this often
 
 
+@dataclass(frozen=True)
+class OutputPacing:
+    """How long a request's tokens gather before they go out: not at all while it runs
+    alone, else long enough that all the running requests together send about `chunks_per_s`
+    outputs a second, and at most `max_hold_s`. What a server pays per streamed chunk is then
+    bounded as the streams grow. A request's first tokens, its end and any error go at once."""
+
+    chunks_per_s: float = 100.0
+    max_hold_s: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not self.chunks_per_s > 0:
+            raise ValueError(f"chunks_per_s must be > 0, got {self.chunks_per_s}")
+        if not self.max_hold_s >= 0:
+            raise ValueError(f"max_hold_s must be >= 0, got {self.max_hold_s}")
+
+    def hold(self, running: int) -> float:
+        if running <= 1:
+            return 0.0
+        return min(self.max_hold_s, running / self.chunks_per_s)
+
+
 @dataclass
 class EngineInfo:
     """What the engine process tells its client once the model is loaded."""
@@ -88,6 +114,13 @@ def _wire(request_id: str, out: RequestOutput | BaseException) -> tuple:
     )
 
 
+def _merge(a: tuple, b: tuple) -> tuple:
+    """Two wired outputs of one request as one: the text and tokens of both, the counters
+    and finish of the later."""
+    logprobs = None if a[3] is None and b[3] is None else [*(a[3] or ()), *(b[3] or ())]
+    return (a[0], a[1] + b[1], a[2] + b[2], logprobs, *b[4:])
+
+
 def _unwire(item: tuple) -> tuple[str, RequestOutput | BaseException]:
     if len(item) == 2:
         return item[0], item[1]
@@ -112,15 +145,17 @@ def main(fd: int) -> None:
     """The child's entry point (`python -m modelfleet.engine.process FD`): its end of the
     client's socket pair is FD; the config comes first down it."""
     conn = Connection(fd)
-    config, threads, log_level, cpus = conn.recv()
+    config, threads, log_level, cpus, pacing = conn.recv()
     if cpus:  # before torch starts its threads, so they inherit it
         from modelfleet.cpus import bind
 
         bind(cpus, "engine process")
-    _engine_main(config, conn, threads, log_level)
+    _engine_main(config, conn, threads, log_level, pacing)
 
 
-def _engine_main(config: EngineConfig, conn: Any, threads: int | None, log_level: int) -> None:
+def _engine_main(
+    config: EngineConfig, conn: Any, threads: int | None, log_level: int, pacing: OutputPacing | None
+) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
@@ -144,21 +179,25 @@ def _engine_main(config: EngineConfig, conn: Any, threads: int | None, log_level
     )
     conn.send(("ready", info))
     try:
-        _Core(engine, conn).run()
+        _Core(engine, conn, pacing).run()
     finally:
         engine.close()
 
 
 class _Core:
     """The child's loop: take what the client sent, step while there is work, send each
-    step's outputs, and with them the engine's counters when a request finished, on the
-    first step after idling, every STATS_INTERVAL_S, and on going idle."""
+    step's outputs (or, with a pacing, what is due of them), and with them the engine's
+    counters when a request finished, on the first step after idling, every
+    STATS_INTERVAL_S, and on going idle."""
 
-    def __init__(self, engine: LLMEngine, conn: Any) -> None:
+    def __init__(self, engine: LLMEngine, conn: Any, pacing: OutputPacing | None = None) -> None:
         self.engine = engine
         self.conn = conn
+        self.pacing = pacing
         self.live: dict[str, Any] = {}  # request id -> the engine's request
-        self.items: list[tuple] = []  # outputs not yet sent, as _wire made them
+        self.items: list[tuple] = []  # outputs to send after this step, as _wire made them
+        self.held: dict[str, tuple] = {}  # request id -> its outputs gathered since the last send
+        self.held_since = 0.0
         self.stats_at = 0.0
         self.idle_reported = False
 
@@ -189,8 +228,14 @@ class _Core:
                     if isinstance(out, BaseException) or out.finish_reason is not None:
                         self.live.pop(req.request_id, None)
                         finished = True
-                    self.items.append(_wire(req.request_id, out))
+                    self._output(req.request_id, out)
             now = time.monotonic()
+            if self.held and (
+                now - self.held_since >= self.pacing.hold(len(self.live))
+                or not (engine._adds or engine._aborts or engine.scheduler.has_work())
+            ):
+                self.items.extend(self.held.values())
+                self.held.clear()
             stats = None
             # A request's last output carries the counters that include it, and the first step
             # after idling those that show the new work.
@@ -202,6 +247,27 @@ class _Core:
                     conn.send(("out", items, stats))
                 except (BrokenPipeError, OSError):
                     return
+
+    def _output(self, rid: str, out: RequestOutput | BaseException) -> None:
+        item = _wire(rid, out)
+        if self.pacing is None:
+            self.items.append(item)
+            return
+        prev = self.held.pop(rid, None)
+        if isinstance(out, BaseException):
+            if prev is not None:
+                self.items.append(prev)
+            self.items.append(item)
+            return
+        if prev is not None:
+            item = _merge(prev, item)
+        first = prev is None and out.usage.completion_tokens <= len(out.token_ids)
+        if first or out.finish_reason is not None:  # a request's first tokens and its end go at once
+            self.items.append(item)
+            return
+        if not self.held:
+            self.held_since = time.monotonic()
+        self.held[rid] = item
 
     def _handle(self, msg: tuple) -> bool:
         kind = msg[0]
@@ -215,6 +281,7 @@ class _Core:
             self.engine._adds.append(req)
             self.live[rid] = req
         elif kind == "abort":
+            self.held.pop(msg[1], None)
             req = self.live.pop(msg[1], None)
             if req is not None:
                 self.engine.abort(req)
@@ -234,9 +301,16 @@ class EngineProcess(EngineFrontend):
 
     `threads` is the child's torch thread count; by default torch's own, which follows the
     OMP_NUM_THREADS the child inherits (Ray sets it to a replica's CPUs). `cpus`, when given,
-    binds the child to those CPUs before torch starts (`modelfleet.cpus`)."""
+    binds the child to those CPUs before torch starts (`modelfleet.cpus`). `pacing`, when
+    given, has the child gather each request's tokens while others run (`OutputPacing`)."""
 
-    def __init__(self, config: EngineConfig, threads: int | None = None, cpus: Iterable[int] = ()) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        threads: int | None = None,
+        cpus: Iterable[int] = (),
+        pacing: OutputPacing | None = None,
+    ) -> None:
         self.config = config
         # A fresh interpreter rather than multiprocessing's spawn, which would re-run the
         # caller's main module (a script without a __main__ guard would start itself again).
@@ -247,7 +321,8 @@ class EngineProcess(EngineFrontend):
         )
         child.close()
         try:
-            self._conn.send((config, threads, logging.getLogger().getEffectiveLevel(), tuple(cpus)))
+            level = logging.getLogger().getEffectiveLevel()
+            self._conn.send((config, threads, level, tuple(cpus), pacing))
             kind, payload = self._conn.recv()
         except (EOFError, OSError):
             code = self._wait(10)

@@ -80,6 +80,7 @@ class ModelReplica:
         self.metrics.max_queue_depth.set(s.max_queue_depth)
         self.admission = Admission(s.max_num_seqs, self.queue_limit())
         self.fault: str | None = None
+        self._engine_paces = False  # an engine process gathers the streams' tokens itself
         cfg = EngineConfig(
             model=s.model,
             dtype=s.dtype,
@@ -100,8 +101,12 @@ class ModelReplica:
         if s.engine_process and s.tensor_parallel_size == 1:
             from modelfleet.engine.process import EngineProcess
 
-            # torch loads in the child only
-            self.engine = await asyncio.to_thread(EngineProcess, cfg, cpus=s.engine_cpus)
+            # torch loads in the child only. The child gathers the streams' tokens itself
+            # (`stream_chunks_per_s`), so this loop takes in one output per chunk, not per token.
+            self.engine = await asyncio.to_thread(
+                EngineProcess, cfg, cpus=s.engine_cpus, pacing=output_pacing(s)
+            )
+            self._engine_paces = True
         else:
             from modelfleet.engine.engine import LLMEngine
 
@@ -194,6 +199,8 @@ class ModelReplica:
             yield opening + writer.closing()
 
     def _hold(self) -> float:
+        if self._engine_paces:  # its outputs come gathered already
+            return 0.0
         return stream_hold(self.settings, self.admission.running)
 
     async def stats(self) -> dict[str, Any]:
@@ -336,12 +343,18 @@ def _torch_threads(engine: Any) -> int:
     return torch.get_num_threads()
 
 
+def output_pacing(settings: ServeSettings) -> Any:
+    """The replica's streams' pacing (`stream_chunks_per_s`, `stream_hold_max_s`), for the
+    engine process to gather tokens by."""
+    from modelfleet.engine.process import OutputPacing
+
+    return OutputPacing(settings.stream_chunks_per_s, settings.stream_hold_max_s)
+
+
 def stream_hold(settings: ServeSettings, running: int) -> float:
     """Gathering time between two chunks of one stream: grows with the streams running, so
     that a replica's chunks per second stay near `stream_chunks_per_s`; none for a lone one."""
-    if running <= 1:
-        return 0.0
-    return min(settings.stream_hold_max_s, running / settings.stream_chunks_per_s)
+    return output_pacing(settings).hold(running)
 
 
 def mark_ready(replica_id: str) -> str | None:

@@ -217,7 +217,8 @@ class ServeSettings:
     """Under load a replica's streams gather tokens between two chunks, so that together they
     send about this many chunks per second through Serve (each chunk crosses two processes,
     so chunks, not tokens, are what serving costs). The first token, and every token of a
-    lone stream, goes at once."""
+    lone stream, goes at once. With the engine in a process of its own, the gathering is done
+    there, so the replica also takes in one message per chunk rather than per token."""
     stream_hold_max_s: float = 0.25
     """The longest a stream gathers tokens before it sends them."""
     engine_process: bool = True

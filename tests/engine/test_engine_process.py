@@ -18,7 +18,7 @@ import time
 import pytest
 
 from modelfleet.engine import EngineConfig, InvalidConfig, InvalidRequest, LLMEngine, SamplingParams
-from modelfleet.engine.process import EngineProcess
+from modelfleet.engine.process import EngineProcess, OutputPacing
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
@@ -122,6 +122,59 @@ def test_a_step_message_larger_than_one_write_arrives_whole_under_uvloop():
         assert outs[-1].finish_reason == "length"
         assert sum(len(o.token_ids) for o in outs) == 6
         assert all(len(lp.top) == 20 for o in outs for lp in o.logprobs)
+
+
+async def test_a_pacing_gathers_each_requests_tokens_but_sends_its_first_and_its_end_at_once(engine):
+    """Four requests running, a hold of at least two seconds (one chunk a second between
+    them): each request's first token comes alone and at once, the rest in a few gathered
+    outputs, the last with the finish; text, tokens and logprobs are those sent unpaced."""
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=2)
+    prompts = ["The river ran", "Hello there, how are you?", "A model reads a prompt", "Once upon"]
+
+    async def run(e):
+        async def one(prompt):
+            return [o async for o in e.generate(prompt, params)]
+
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    unpaced = await run(engine)
+    paced_engine = await asyncio.to_thread(
+        EngineProcess, EngineConfig(device="cpu", max_model_len=256), pacing=OutputPacing(1.0, 10.0)
+    )
+    await paced_engine.start()
+    try:
+        paced = await run(paced_engine)
+    finally:
+        await paced_engine.shutdown()
+    assert all(len(outs) == 40 for outs in unpaced)  # one output a token
+    for outs, want in zip(paced, unpaced, strict=True):
+        assert len(outs) < 10, [len(o.token_ids) for o in outs]
+        assert len(outs[0].token_ids) == 1 and outs[0].finish_reason is None
+        assert outs[-1].finish_reason == "length" and outs[-1].usage.completion_tokens == 40
+        assert [t for o in outs for t in o.token_ids] == [t for o in want for t in o.token_ids]
+        assert "".join(o.text for o in outs) == "".join(o.text for o in want)
+        assert [lp.top for o in outs for lp in o.logprobs] == [lp.top for o in want for lp in o.logprobs]
+
+
+async def test_a_paced_request_running_alone_gets_every_token_as_it_comes():
+    e = await asyncio.to_thread(
+        EngineProcess, EngineConfig(device="cpu", max_model_len=256), pacing=OutputPacing(1.0, 10.0)
+    )
+    await e.start()
+    try:
+        outs = [o async for o in e.generate("Hello", GREEDY)]
+    finally:
+        await e.shutdown()
+    assert [len(o.token_ids) for o in outs] == [1] * 12
+
+
+def test_a_pacing_holds_nothing_for_a_lone_request_and_caps_its_hold():
+    pacing = OutputPacing(chunks_per_s=100.0, max_hold_s=0.25)
+    assert pacing.hold(1) == 0.0
+    assert pacing.hold(8) == pytest.approx(0.08)
+    assert pacing.hold(64) == 0.25
+    with pytest.raises(ValueError, match="chunks_per_s"):
+        OutputPacing(chunks_per_s=0)
 
 
 async def test_bad_input_is_refused_by_the_client_before_anything_is_sent(engine):
