@@ -204,7 +204,7 @@ class _Core:
     def run(self) -> None:
         engine, conn = self.engine, self.conn
         while True:
-            busy = bool(engine._adds or engine._aborts or engine.scheduler.has_work())
+            busy = self._has_work()
             try:
                 if not busy:
                     if not self.idle_reported:  # the client sees the engine drained
@@ -217,7 +217,7 @@ class _Core:
             except (EOFError, OSError):  # the client is gone: so is its work
                 return
             finished = woke = False
-            if engine._adds or engine._aborts or engine.scheduler.has_work():
+            if self._has_work():
                 woke, self.idle_reported = self.idle_reported, False
                 try:
                     outputs = engine._step()
@@ -231,8 +231,7 @@ class _Core:
                     self._output(req.request_id, out)
             now = time.monotonic()
             if self.held and (
-                now - self.held_since >= self.pacing.hold(len(self.live))
-                or not (engine._adds or engine._aborts or engine.scheduler.has_work())
+                now - self.held_since >= self.pacing.hold(len(self.live)) or not self._has_work()
             ):
                 self.items.extend(self.held.values())
                 self.held.clear()
@@ -247,6 +246,10 @@ class _Core:
                     conn.send(("out", items, stats))
                 except (BrokenPipeError, OSError):
                     return
+
+    def _has_work(self) -> bool:
+        engine = self.engine
+        return bool(engine._adds or engine._aborts or engine.scheduler.has_work())
 
     def _output(self, rid: str, out: RequestOutput | BaseException) -> None:
         item = _wire(rid, out)

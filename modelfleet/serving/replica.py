@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from modelfleet.engine.process import OutputPacing
 from modelfleet.serving import errors
 from modelfleet.serving.metrics import ReplicaMetrics
 from modelfleet.serving.protocol import ChatCompletionRequest, CompletionRequest
@@ -80,7 +81,9 @@ class ModelReplica:
         self.metrics.max_queue_depth.set(s.max_queue_depth)
         self.admission = Admission(s.max_num_seqs, self.queue_limit())
         self.fault: str | None = None
-        self._engine_paces = False  # an engine process gathers the streams' tokens itself
+        self.pacing = output_pacing(s)
+        # What a stream waits between two chunks; None where the engine gathers its tokens.
+        self._stream_hold: Callable[[], float] | None = self._hold
         cfg = EngineConfig(
             model=s.model,
             dtype=s.dtype,
@@ -103,10 +106,8 @@ class ModelReplica:
 
             # torch loads in the child only. The child gathers the streams' tokens itself
             # (`stream_chunks_per_s`), so this loop takes in one output per chunk, not per token.
-            self.engine = await asyncio.to_thread(
-                EngineProcess, cfg, cpus=s.engine_cpus, pacing=output_pacing(s)
-            )
-            self._engine_paces = True
+            self.engine = await asyncio.to_thread(EngineProcess, cfg, cpus=s.engine_cpus, pacing=self.pacing)
+            self._stream_hold = None
         else:
             from modelfleet.engine.engine import LLMEngine
 
@@ -163,7 +164,7 @@ class ModelReplica:
         admission if it waits in the queue, so the ingress can answer errors with a status
         before the stream starts."""
         writer, run = await self._begin(kind, request)
-        batches = run.batches(self._hold)
+        batches = run.batches(self._stream_hold)
         first = asyncio.ensure_future(anext(batches, None))
         opening = writer.opening()
         closed = False
@@ -199,9 +200,7 @@ class ModelReplica:
             yield opening + writer.closing()
 
     def _hold(self) -> float:
-        if self._engine_paces:  # its outputs come gathered already
-            return 0.0
-        return stream_hold(self.settings, self.admission.running)
+        return self.pacing.hold(self.admission.running)
 
     async def stats(self) -> dict[str, Any]:
         st = self.engine.stats()
@@ -343,18 +342,12 @@ def _torch_threads(engine: Any) -> int:
     return torch.get_num_threads()
 
 
-def output_pacing(settings: ServeSettings) -> Any:
-    """The replica's streams' pacing (`stream_chunks_per_s`, `stream_hold_max_s`), for the
-    engine process to gather tokens by."""
-    from modelfleet.engine.process import OutputPacing
-
+def output_pacing(settings: ServeSettings) -> OutputPacing:
+    """The replica's streams' pacing (`stream_chunks_per_s`, `stream_hold_max_s`): gathering
+    time between two chunks of one stream grows with the streams running, so that a replica's
+    chunks per second stay near `stream_chunks_per_s`; none for a lone one. The engine process
+    gathers by it, or else the replica's streams do."""
     return OutputPacing(settings.stream_chunks_per_s, settings.stream_hold_max_s)
-
-
-def stream_hold(settings: ServeSettings, running: int) -> float:
-    """Gathering time between two chunks of one stream: grows with the streams running, so
-    that a replica's chunks per second stay near `stream_chunks_per_s`; none for a lone one."""
-    return output_pacing(settings).hold(running)
 
 
 def mark_ready(replica_id: str) -> str | None:

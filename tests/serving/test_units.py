@@ -368,9 +368,9 @@ def test_serve_help_lists_the_options(capsys):
 
 
 def _hold(running: int, **settings) -> float:
-    from modelfleet.serving.replica import stream_hold
+    from modelfleet.serving.replica import output_pacing
 
-    return stream_hold(ServeSettings(name="t", model="m", **settings), running)
+    return output_pacing(ServeSettings(name="t", model="m", **settings)).hold(running)
 
 
 def test_a_lone_stream_sends_every_token_and_busy_streams_gather():
