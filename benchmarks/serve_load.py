@@ -25,7 +25,6 @@ import os
 import random
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from typing import Any
 import aiohttp
 import httpx
 
+from modelfleet.ports import free_port
 from modelfleet.serving.command import INGRESS_NAMES
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -294,12 +294,6 @@ async def offline_level(
         level.offline_batch = (st1.generation_tokens_total - st0.generation_tokens_total) / (
             st1.steps_total - st0.steps_total
         )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_command_endpoint(

@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from e2e import build, node, nodes, oci, pki
 from e2e.waiting import eventually
+from modelfleet.ports import free_port
 
 STATE_FILE = "cluster.json"
 # Stop order: the reverse of start order.
@@ -59,12 +59,6 @@ class KubectlError(subprocess.CalledProcessError):
 
     def __str__(self) -> str:
         return f"{' '.join(self.cmd[3:])} failed ({self.returncode}): {self.stderr.strip()}"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def process_alive(pid: int) -> bool:

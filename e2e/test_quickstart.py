@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -34,6 +33,7 @@ from e2e import build
 from e2e.cluster import Cluster, ClusterError
 from e2e.load import stream_burst
 from e2e.waiting import eventually
+from modelfleet.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -72,12 +72,6 @@ def test_the_quickstart_block_parses_into_commands():
     assert any(c.startswith("kubectl port-forward svc/tiny") and c.endswith("&") for c in commands)
     assert commands[-1].startswith("helm uninstall modelfleet")
     assert not [c for c in commands if "#" in c and "{" not in c]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def log(message: str) -> None:

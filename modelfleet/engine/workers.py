@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 from modelfleet.engine.model_runner import RunnerSpec, worker_main
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from modelfleet.ports import free_port
 
 
 class MPWorkers:

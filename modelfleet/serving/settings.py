@@ -10,10 +10,11 @@ import hashlib
 import os
 import shlex
 import shutil
-import socket
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
+
+from modelfleet.ports import free_port
 
 API_KEY_ENV = "MODELFLEET_API_KEY"
 
@@ -123,12 +124,6 @@ def _write_executable(folder: str, name: str, text: str) -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 _SIDE_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
 _OWN_SIDE_PORTS = "MODELFLEET_HAPROXY_SIDE_PORTS"
 
@@ -140,7 +135,7 @@ def _haproxy_side_ports() -> None:
     if all(os.environ.get(key) for key in _SIDE_PORTS) and current != os.environ.get(_OWN_SIDE_PORTS):
         return
     for key in _SIDE_PORTS:
-        os.environ[key] = str(_free_port())
+        os.environ[key] = str(free_port())
     os.environ[_OWN_SIDE_PORTS] = ",".join(os.environ[key] for key in _SIDE_PORTS)
 
 

@@ -23,7 +23,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving_support import API_KEY, App, Serving, eventually, free_port, write_hf_checkpoint
+from serving_support import API_KEY, App, Serving, eventually, write_hf_checkpoint
+
+from modelfleet.ports import free_port
 
 
 @pytest.fixture(scope="session")

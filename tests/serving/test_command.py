@@ -19,9 +19,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from serving_support import eventually, free_port, per_replica
+from serving_support import eventually, per_replica
 
 from modelfleet.cpus import plan_cpus
+from modelfleet.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,12 +18,13 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from serving_support import eventually, free_port
+from serving_support import eventually
 
 from modelfleet.api import parse_manifest
 from modelfleet.operator import reconcile as reconcile_module
 from modelfleet.operator.reconcile import Reconciler
 from modelfleet.operator.settings import OperatorSettings
+from modelfleet.ports import free_port
 from modelfleet.serving.settings import HAPROXY_ENV, SERVE_PROCESS_ENV
 
 HEAD = textwrap.dedent(
