@@ -74,7 +74,8 @@ def haproxy_binary() -> str | None:
 # fixed ports: its Prometheus exporter (9101) and its stats page (8404). For a local instance
 # HAProxy runs through this wrapper, which moves those two onto 127.0.0.1 in the config it is
 # handed (in place, so Serve still knows its processes by their command line); the API port
-# keeps the host it was given. Each instance gets free ports for them, so two instances on one
+# keeps the host it was given. Each instance gets free ports for them (modelfleet.ports: below
+# the ephemeral range, so no outgoing connection takes one first), so two instances on one
 # machine do not collide.
 _HAPROXY_WRAPPER = """#!/bin/sh
 # Written by modelfleet: runs the HAProxy below with the listeners that Ray Serve's config
