@@ -101,7 +101,7 @@ def test_a_step_message_larger_than_one_write_arrives_whole_under_uvloop():
     step's message over 16 KB goes down the pipe in two writes (header, then body), so the
     client can find half of it there: reading it must wait for the rest, not take the
     half-read message for the engine process being gone."""
-    uvloop = pytest.importorskip("uvloop", reason="Serve's replicas run on uvloop when it is installed")
+    import uvloop  # installed with ray[serve] (uvicorn[standard]), so Serve's replicas run on it
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=20)
 
     async def go():
