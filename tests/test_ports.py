@@ -34,7 +34,7 @@ def test_ports_are_outside_the_ephemeral_range_bindable_and_distinct():
             sock.bind(("127.0.0.1", port))
 
 
-def test_a_port_something_listens_on_is_skipped(monkeypatch):
+def test_a_port_something_listens_on_is_passed_over(monkeypatch):
     with socket.socket() as taken, socket.socket() as probe:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
